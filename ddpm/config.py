@@ -1,0 +1,96 @@
+"""Typed configuration of the model and the diffusion process.
+
+These are the objects ``params.yaml`` is validated into (``pipeline.settings`` nests them) and
+the objects a checkpoint stores, so a model can always be rebuilt from its own checkpoint.
+Every check runs when the object is built, before any tensor is made.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ScheduleName = Literal["linear", "cosine", "sigmoid"]
+Prediction = Literal["eps", "x0", "v"]
+LossType = Literal["l2", "l1"]
+AttentionType = Literal["softmax", "linear"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UNetConfig(_Frozen):
+    """Architecture of :class:`ddpm.unet.UNet`.
+
+    The defaults are the DDPM paper's CIFAR-10 network (Ho et al. 2020, appendix B):
+    35.7M parameters.
+    """
+
+    image_size: int = Field(32, ge=4, description="Height and width of the images, in pixels.")
+    in_channels: int = Field(3, ge=1, description="Channels of the images (3 for RGB).")
+    base_channels: int = Field(128, ge=1, description="Channels of the first level.")
+    channel_mults: tuple[int, ...] = Field(
+        (1, 2, 2, 2), min_length=1, description="Channel multiplier of each resolution level."
+    )
+    num_res_blocks: int = Field(2, ge=1, description="Residual blocks per level.")
+    attention_resolutions: tuple[int, ...] = Field(
+        (16,), description="Feature-map sizes (pixels) at which self-attention is applied."
+    )
+    attention_type: AttentionType = Field(
+        "softmax", description="'softmax' (scaled dot-product) or 'linear' (Katharopoulos 2020)."
+    )
+    num_heads: int = Field(1, ge=1, description="Attention heads.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in the residual blocks.")
+    num_groups: int = Field(32, ge=1, description="GroupNorm groups.")
+    num_classes: int | None = Field(
+        None, ge=1, description="Classes for conditioning; None for an unconditional model."
+    )
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Feature-map size at each level, from the input down."""
+        return tuple(self.image_size // 2**i for i in range(len(self.channel_mults)))
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> UNetConfig:
+        depth = len(self.channel_mults) - 1
+        if self.image_size % 2**depth:
+            raise ValueError(
+                f"channel_mults={list(self.channel_mults)} has {depth} downsamplings, so "
+                f"image_size must be divisible by {2**depth}; got image_size={self.image_size}. "
+                "Use fewer levels or another image size."
+            )
+        if any(m < 1 for m in self.channel_mults):
+            raise ValueError(f"channel_mults must be positive; got {list(self.channel_mults)}")
+        unreachable = sorted(set(self.attention_resolutions) - set(self.resolutions))
+        if unreachable:
+            raise ValueError(
+                f"attention_resolutions {unreachable} are never reached; the feature maps are "
+                f"{list(self.resolutions)} pixels for image_size={self.image_size} and "
+                f"channel_mults={list(self.channel_mults)}"
+            )
+        for width in {self.base_channels * m for m in self.channel_mults}:
+            if width % self.num_groups:
+                raise ValueError(
+                    f"num_groups={self.num_groups} does not divide {width} channels "
+                    f"(base_channels={self.base_channels} x channel_mults); choose a divisor"
+                )
+            if width % self.num_heads:
+                raise ValueError(
+                    f"num_heads={self.num_heads} does not divide {width} channels; choose a divisor"
+                )
+        return self
+
+
+class DiffusionConfig(_Frozen):
+    """The forward process and the training objective."""
+
+    schedule: ScheduleName = Field("linear", description="Noise schedule of beta_t.")
+    timesteps: int = Field(1000, ge=2, description="Number of diffusion steps T.")
+    prediction: Prediction = Field("eps", description="What the network predicts: eps, x0 or v.")
+    loss: LossType = Field("l2", description="Distance between prediction and target.")
+    min_snr_gamma: float | None = Field(
+        None, gt=0.0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); None: off."
+    )

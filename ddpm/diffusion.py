@@ -1,0 +1,222 @@
+"""The Gaussian diffusion maths, in one place, shared by training and every sampler.
+
+Notation (Ho et al. 2020; Salimans & Ho 2022 for v):
+
+=================  ==========================================================================
+``x0``             clean data, scaled to [-1, 1]                                 (B, C, H, W)
+``x_t``            noised data at step t: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (B, C, H, W)
+``t``              integer timesteps, 0-based: t = 0 is the first noising step   (B,)
+``eps``            the standard normal noise of q_sample                         (B, C, H, W)
+``v``              sqrt(abar_t) eps - sqrt(1 - abar_t) x0                        (B, C, H, W)
+``betas``          beta_t, the variance of step t                                (T,)
+``alphas_cumprod`` abar_t = prod_{s <= t} (1 - beta_s)                           (T,)
+``snr``            abar_t / (1 - abar_t)                                         (T,)
+=================  ==========================================================================
+
+Tables are computed in float64 and stored as float32 buffers, read through :func:`extract`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm.config import DiffusionConfig
+from ddpm.schedules import make_betas
+
+
+def extract(table: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """table[t] reshaped to broadcast against a batch of ``shape``: (B,) -> (B, 1, ..., 1)."""
+    assert t.ndim == 1 and t.shape[0] == shape[0], (t.shape, shape)
+    return table.gather(0, t).reshape(-1, *([1] * (len(shape) - 1)))
+
+
+class Posterior(NamedTuple):
+    """q(x_{t_prev} | x_t, x0): mean = coef_x0 * x0 + coef_xt * x_t, and its variance."""
+
+    coef_x0: torch.Tensor
+    coef_xt: torch.Tensor
+    variance: torch.Tensor
+
+
+def posterior_coefficients(abar_t: torch.Tensor, abar_prev: torch.Tensor) -> Posterior:
+    """Ho et al. 2020, eq. 6-7, between any two steps of the chain (respacing included).
+
+    With alpha = abar_t / abar_prev and beta = 1 - alpha (the respaced beta of Nichol & Dhariwal
+    2021, sec. 4; the plain beta_t when t_prev = t - 1):
+    mean = sqrt(abar_prev) beta / (1 - abar_t) x0 + sqrt(alpha) (1 - abar_prev) / (1 - abar_t) x_t,
+    variance = beta (1 - abar_prev) / (1 - abar_t).
+    """
+    alpha = abar_t / abar_prev
+    beta = 1 - alpha
+    return Posterior(
+        coef_x0=abar_prev.sqrt() * beta / (1 - abar_t),
+        coef_xt=alpha.sqrt() * (1 - abar_prev) / (1 - abar_t),
+        variance=beta * (1 - abar_prev) / (1 - abar_t),
+    )
+
+
+class MeanVariance(NamedTuple):
+    mean: torch.Tensor
+    variance: torch.Tensor
+    log_variance_clipped: torch.Tensor
+
+
+class GaussianDiffusion(nn.Module):
+    """Forward process, posterior, parameterisation conversions and the training loss.
+
+    An ``nn.Module`` only so that its tables follow ``.to(device)``; it has no parameters.
+    """
+
+    def __init__(self, config: DiffusionConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or DiffusionConfig()
+        betas = make_betas(self.config.schedule, self.config.timesteps)  # float64 (T,)
+        abar = torch.cumprod(1 - betas, dim=0)
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        post = posterior_coefficients(abar, abar_prev)
+        # The posterior variance is 0 at t = 0; its log is clipped to the next value
+        # (improved-diffusion), since the model never adds noise at that step anyway.
+        log_var = torch.log(torch.cat([post.variance[1:2], post.variance[1:]]))
+        self.alphas_cumprod64 = abar  # a CPU float64 copy for the samplers' scalar lookups
+        tables = {
+            "betas": betas,
+            "alphas_cumprod": abar,
+            "alphas_cumprod_prev": abar_prev,
+            "sqrt_alphas_cumprod": abar.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - abar).sqrt(),
+            "snr": abar / (1 - abar),
+            "posterior_coef_x0": post.coef_x0,
+            "posterior_coef_xt": post.coef_xt,
+            "posterior_variance": post.variance,
+            "posterior_log_variance_clipped": log_var,
+        }
+        for name, table in tables.items():
+            self.register_buffer(name, table.float(), persistent=False)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.timesteps
+
+    # Forward process and posterior
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I) (Ho et al. eq. 4)."""
+        assert x0.shape == noise.shape, (x0.shape, noise.shape)
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
+        )
+
+    def q_posterior_mean_variance(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> MeanVariance:
+        """Mean and variance of q(x_{t-1} | x_t, x0) (Ho et al. eq. 6-7)."""
+        assert x0.shape == x_t.shape
+        mean = (
+            extract(self.posterior_coef_x0, t, x_t.shape) * x0
+            + extract(self.posterior_coef_xt, t, x_t.shape) * x_t
+        )
+        return MeanVariance(
+            mean,
+            extract(self.posterior_variance, t, x_t.shape),
+            extract(self.posterior_log_variance_clipped, t, x_t.shape),
+        )
+
+    # Conversions between parameterisations
+    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
+        """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return (x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * eps) / extract(
+            self.sqrt_alphas_cumprod, t, x_t.shape
+        )
+
+    def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor):
+        """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
+        return (x_t - extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x0) / extract(
+            self.sqrt_one_minus_alphas_cumprod, t, x_t.shape
+        )
+
+    def predict_v(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022, sec. 4)."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.shape) * eps
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
+        )
+
+    def predict_x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
+        """x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
+        )
+
+    def split_prediction(
+        self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) implied by the network output, whatever it predicts.
+
+        With ``clip_x0`` the predicted x0 is clamped to [-1, 1] and eps recomputed from it, so
+        both stay consistent with x_t.
+        """
+        kind = self.config.prediction
+        if kind == "eps":
+            eps, x0 = model_out, self.predict_x0_from_eps(x_t, t, model_out)
+        elif kind == "x0":
+            x0, eps = model_out, self.predict_eps_from_x0(x_t, t, model_out)
+        else:
+            x0 = self.predict_x0_from_v(x_t, t, model_out)
+            eps = self.predict_eps_from_x0(x_t, t, x0)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = self.predict_eps_from_x0(x_t, t, x0)
+        return x0, eps
+
+    # Training objective
+    def sample_timesteps(
+        self, batch: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """t ~ Uniform{0, .., T-1}, shape (B,)."""
+        gen_device = generator.device if generator is not None else device
+        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
+        return t.to(device)
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output for the configured prediction type."""
+        kind = self.config.prediction
+        if kind == "eps":
+            return noise
+        if kind == "x0":
+            return x0
+        return self.predict_v(x0, t, noise)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights (Hang et al. 2023, eq. 9 and sec. 3.4), ones when off. (B,)"""
+        gamma = self.config.min_snr_gamma
+        if gamma is None:
+            return torch.ones(t.shape, device=t.device)
+        snr = self.snr[t]
+        clipped = snr.clamp(max=gamma)
+        # The weight min(snr, gamma) is defined for an x0 loss; eps and v losses equal the x0
+        # loss times snr and snr + 1, so their weights divide by those factors.
+        divisor = {"x0": torch.ones_like(snr), "eps": snr, "v": snr + 1}[self.config.prediction]
+        return clipped / divisor
+
+    def training_losses(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Weighted per-example loss, shape (B,): mean over pixels of |f(x_t, t) - target|^p."""
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, t) if y is None else model(x_t, t, y)
+        target = self.target(x0, t, noise)
+        if self.config.loss == "l2":
+            per_pixel = F.mse_loss(out.float(), target, reduction="none")
+        else:
+            per_pixel = F.l1_loss(out.float(), target, reduction="none")
+        return per_pixel.mean(dim=tuple(range(1, x0.ndim))) * self.loss_weight(t)

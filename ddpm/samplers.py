@@ -1,0 +1,249 @@
+"""Samplers: plain functions over :class:`ddpm.diffusion.GaussianDiffusion`'s maths.
+
+Each sampler walks a materialised list of timesteps (never ``t - T // steps``), predicts x0 and
+eps with the network (with classifier-free guidance when labels and a scale are given) and
+applies its update rule. Noise comes from ``generator`` (a CPU generator gives the same images
+on every device), so a sampler is deterministic for a given generator state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ddpm.diffusion import GaussianDiffusion, posterior_coefficients
+
+Spacing = Literal["leading", "linspace", "trailing"]
+Variance = Literal["posterior", "beta"]
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+"""Called after each step as ``callback(step_index, t, x_t, x0_pred)``."""
+
+
+def make_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "trailing") -> torch.Tensor:
+    """The timesteps a sampler visits, in decreasing order. Shape (steps,), int64.
+
+    ``leading`` (DDIM paper): 0, k, 2k, .. with k = T // steps, never reaching T-1;
+    ``linspace``: round(linspace(0, T-1, steps)); ``trailing`` (Lin et al. 2023, table 2):
+    round(arange(T, 0, -T/steps)) - 1, which always starts at T-1.
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be between 1 and T={num_timesteps}; got {steps}")
+    if spacing == "leading":
+        ts = np.arange(steps) * (num_timesteps // steps)
+    elif spacing == "linspace":
+        ts = np.linspace(0, num_timesteps - 1, steps).round()
+    elif spacing == "trailing":
+        ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)) - 1
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose leading, linspace or trailing")
+    ts = np.unique(ts.astype(np.int64))[::-1].copy()
+    assert len(ts) == steps and ts[0] < num_timesteps and ts[-1] >= 0, ts
+    return torch.from_numpy(ts)
+
+
+def randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str
+) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, then moved to ``device``."""
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    x_t: torch.Tensor,
+    t: int,
+    y: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    clip_x0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) predicted at step ``t`` for the whole batch x_t (B, C, H, W).
+
+    Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + s (c - u), with c the
+    output for labels y and u for the null class, both from one batched forward pass.
+    """
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    if y is None:
+        out = model(x_t, tt)
+    elif guidance_scale == 1.0:
+        out = model(x_t, tt, y)
+    else:
+        null = torch.full_like(y, model.null_class)
+        both = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([y, null]))
+        cond, uncond = both.float().chunk(2)
+        out = uncond + guidance_scale * (cond - uncond)
+    return diffusion.split_prediction(out.float(), x_t, tt, clip_x0=clip_x0)
+
+
+def _abar(diffusion: GaussianDiffusion, t: int) -> torch.Tensor:
+    """abar_t as a float64 scalar tensor; abar_{-1} = 1 (the clean data)."""
+    return diffusion.alphas_cumprod64[t] if t >= 0 else torch.tensor(1.0, dtype=torch.float64)
+
+
+def ddpm_step(
+    diffusion: GaussianDiffusion,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    t: int,
+    t_prev: int,
+    noise: torch.Tensor | None,
+    variance: Variance = "posterior",
+) -> torch.Tensor:
+    """Ancestral step x_t -> x_{t_prev} (Ho et al. 2020, Algorithm 2, respaced).
+
+    The mean is q(x_{t_prev} | x_t, x0)'s (eq. 7); the variance is the posterior beta-tilde or
+    beta (both in sec. 3.2). No noise is added on the last step (t_prev = -1).
+    """
+    post = posterior_coefficients(_abar(diffusion, t), _abar(diffusion, t_prev))
+    mean = float(post.coef_x0) * x0 + float(post.coef_xt) * x_t
+    if t_prev < 0:
+        return mean
+    var = (
+        post.variance
+        if variance == "posterior"
+        else 1 - _abar(diffusion, t) / _abar(diffusion, t_prev)
+    )
+    return mean + math.sqrt(float(var)) * noise
+
+
+def ddim_step(
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t: int,
+    t_prev: int,
+    eta: float,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """DDIM step x_t -> x_{t_prev} (Song et al. 2020, eq. 12, sigma from eq. 16).
+
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise,
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+    With eta = 1 this is the ancestral step with the posterior variance.
+    """
+    abar_t, abar_prev = _abar(diffusion, t), _abar(diffusion, t_prev)
+    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    x_prev = float(abar_prev.sqrt()) * x0 + float((1 - abar_prev - sigma**2).sqrt()) * eps
+    if eta > 0 and t_prev >= 0:
+        x_prev = x_prev + float(sigma) * noise
+    return x_prev
+
+
+def _pairs(timesteps: torch.Tensor) -> list[tuple[int, int]]:
+    ts = timesteps.tolist()
+    return list(zip(ts, [*ts[1:], -1], strict=True))
+
+
+def ddpm_sample(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    shape: tuple[int, ...],
+    *,
+    steps: int | None = None,
+    spacing: Spacing = "linspace",
+    variance: Variance = "posterior",
+    clip_x0: bool = True,
+    y: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling over all T steps (or ``steps`` respaced ones). Returns x0 (B, C, H, W)."""
+    timesteps = make_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing)
+    x = randn(shape, generator, device)  # 1. x_T ~ N(0, I)
+    for i, (t, t_prev) in enumerate(tqdm(_pairs(timesteps), disable=not progress, desc="ddpm")):
+        x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. predict x0
+        noise = randn(shape, generator, device) if t_prev >= 0 else None
+        x = ddpm_step(diffusion, x, x0, t, t_prev, noise, variance)  # 3. x_{t-1} ~ p(. | x_t)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def ddim_sample(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    spacing: Spacing = "trailing",
+    clip_x0: bool = True,
+    y: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DDIM sampling (Song et al. 2020) over ``steps`` timesteps. Returns x0 (B, C, H, W)."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0; got {eta}")
+    timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing)
+    x = randn(shape, generator, device)  # 1. x_T ~ N(0, I)
+    for i, (t, t_prev) in enumerate(tqdm(_pairs(timesteps), disable=not progress, desc="ddim")):
+        x0, eps = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. predict
+        noise = randn(shape, generator, device) if eta > 0 and t_prev >= 0 else None
+        x = ddim_step(diffusion, x0, eps, t, t_prev, eta, noise)  # 3. eq. 12
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def dpm_solver_sample(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 20,
+    spacing: Spacing = "trailing",
+    clip_x0: bool = True,
+    y: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a deterministic multistep ODE solver.
+
+    In terms of alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha/sigma)
+    and h = lambda_prev - lambda_t, each step is
+    x_prev = sigma_prev / sigma_t x_t - alpha_prev (e^{-h} - 1) D, where D is the predicted
+    x0 on the first step and the second-order combination (1 + 1/2r) x0 - 1/2r x0_last after.
+    The last step, to t = -1 (sigma = 0), returns the predicted x0 itself.
+    """
+    timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing)
+    x = randn(shape, generator, device)  # 1. x_T ~ N(0, I)
+    x0_last, h_last = None, None
+    for i, (t, t_prev) in enumerate(tqdm(_pairs(timesteps), disable=not progress, desc="dpm")):
+        x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. data prediction
+        if t_prev < 0:
+            x = x0
+        else:
+            abar_t, abar_prev = _abar(diffusion, t), _abar(diffusion, t_prev)
+            lam_t = 0.5 * torch.log(abar_t / (1 - abar_t))
+            h = 0.5 * torch.log(abar_prev / (1 - abar_prev)) - lam_t
+            d = x0
+            if x0_last is not None and h_last is not None:  # 3. second-order correction
+                r = float(h_last / h)
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
+            ratio = torch.sqrt((1 - abar_prev) / (1 - abar_t))
+            x = float(ratio) * x - float(abar_prev.sqrt() * torch.expm1(-h)) * d  # 4. update
+            x0_last, h_last = x0, h
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm-solver": dpm_solver_sample}
