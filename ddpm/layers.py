@@ -1,0 +1,173 @@
+"""The blocks :class:`ddpm.unet.UNet` is built from (Ho et al. 2020, appendix B).
+
+Every block maps ``(B, C, H, W)`` feature maps to feature maps and works in either memory
+format (contiguous or ``channels_last``) and under autocast. The last layer of every residual
+branch is zero-initialised, so each block starts as the identity (improved-diffusion's
+``zero_module``) and the untrained UNet outputs zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Set every parameter of ``module`` to zero and return it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer positional encoding of the timestep (Vaswani et al. 2017, Ho et al. 2020).
+
+    emb(t) = [sin(t w_0), ..., sin(t w_{h-1}), cos(t w_0), ..., cos(t w_{h-1})] with
+    w_i = 10000^(-i / (h - 1)) and h = dim // 2, as in the DDPM reference code; an odd ``dim``
+    gets a trailing zero.
+    """
+
+    freqs: torch.Tensor
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim < 2:
+            raise ValueError(f"timestep embedding dim must be at least 2; got {dim}")
+        self.dim = dim
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / max(half - 1, 1))
+        # A fixed table, not a parameter: derived from dim, so kept out of the checkpoint.
+        self.register_buffer("freqs", freqs.float(), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) integer or float timesteps -> (B, dim) float32 embedding."""
+        args = t.float()[:, None] * self.freqs[None]  # (B, dim // 2)
+        emb = torch.cat([args.sin(), args.cos()], dim=1)  # (B, 2 * (dim // 2))
+        return F.pad(emb, (0, self.dim % 2))
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal embedding of t, then Linear(dim, 4 dim) - SiLU - Linear(4 dim, 4 dim)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.sinusoidal = SinusoidalEmbedding(dim)
+        self.linear1 = nn.Linear(dim, 4 * dim)
+        self.linear2 = nn.Linear(4 * dim, 4 * dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) timesteps -> (B, 4 dim)."""
+        return self.linear2(F.silu(self.linear1(self.sinusoidal(t))))
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep embedding (Ho et al. 2020).
+
+    h = conv(SiLU(GN(x))) + W emb; out = skip(x) + conv(dropout(SiLU(GN(h)))), with skip a
+    1x1 conv when the channel count changes and the second conv zero-initialised.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, num_groups: int = 32
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(num_groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x (B, in_ch, H, W), emb (B, emb_dim) already through SiLU -> (B, out_ch, H, W).
+
+        The UNet applies SiLU to the embedding once for all blocks; Ho et al. apply it inside
+        each block, to the same tensor, which gives the same result.
+        """
+        # In-place adds on conv outputs are safe (a conv's backward needs its input, not its
+        # output) and save two (B, out_ch, H, W) allocations per block.
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H, W)
+        h += self.emb_proj(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return h.add_(self.skip(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the pixels, with a residual connection.
+
+    GroupNorm, q/k/v from one 1x1 conv, softmax attention through
+    ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where available),
+    zero-initialised 1x1 output projection.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32) -> None:
+        super().__init__()
+        assert channels % num_heads == 0, f"{num_heads} heads do not divide {channels} channels"
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, heads, d, N) -> (B, heads, d, N): softmax(q^T k / sqrt(d)) over keys."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1)
+        )  # (B, heads, N, d)
+        return out.transpose(-2, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        B, C, H, W = x.shape
+        # channels_last makes q, k, v unit-stride along d (views below), as SDPA's fused kernels
+        # need; from contiguous maps the CPU falls back to the slower unfused maths path.
+        h = self.norm(x).contiguous(memory_format=torch.channels_last)
+        qkv = self.qkv(h).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        out = self.attend(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, heads, d, N)
+        return x + self.proj(out.reshape(B, C, H, W))
+
+
+class LinearAttention(Attention):
+    """Linear attention (Katharopoulos et al. 2020, eq. 4-6): O(N) in the number of pixels.
+
+    With the feature map phi(x) = elu(x) + 1 > 0 replacing exp(q . k), the sums over keys factor:
+    out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / (phi(q_i)^T sum_j phi(k_j)). Same parameters and
+    interface as :class:`Attention`; only the attention itself differs.
+    """
+
+    eps: float = 1e-6
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, heads, d, N) -> (B, heads, d, N)."""
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        kv = k @ v.transpose(-2, -1)  # (B, heads, d, d): sum_j phi(k_j) v_j^T
+        num = kv.transpose(-2, -1) @ q  # (B, heads, d, N)
+        den = k.sum(dim=-1, keepdim=True).transpose(-2, -1) @ q  # (B, heads, 1, N)
+        return num / (den + self.eps)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H / 2, W / 2)."""
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 2 H, 2 W)."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

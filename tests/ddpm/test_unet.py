@@ -1,0 +1,239 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm.config import UNetConfig
+from ddpm.layers import Attention, LinearAttention, ResBlock, SinusoidalEmbedding
+from ddpm.unet import UNet
+
+# Two levels at 32 px, three at 64 px; attention at 16 px in both.
+MULTS = {32: (1, 2), 64: (1, 2, 2)}
+
+
+def tiny_config(image_size: int = 32, **overrides) -> UNetConfig:
+    kwargs = {
+        "image_size": image_size,
+        "base_channels": 16,
+        "channel_mults": MULTS[image_size],
+        "num_res_blocks": 1,
+        "attention_resolutions": (16,),
+        "num_heads": 2,
+        "num_groups": 4,
+        "dropout": 0.0,
+    }
+    return UNetConfig(**(kwargs | overrides))
+
+
+def perturb_(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
+    """Add noise to every parameter, so the zero-initialised layers stop hiding the others."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def inputs(config: UNetConfig, batch: int = 2, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    size = config.image_size
+    x = torch.randn(batch, config.in_channels, size, size, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    return x, t
+
+
+@pytest.mark.parametrize("num_classes", [None, 5])
+@pytest.mark.parametrize("attention_type", ["softmax", "linear"])
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_output_has_the_shape_of_the_input(image_size, attention_type, num_classes):
+    config = tiny_config(image_size, attention_type=attention_type, num_classes=num_classes)
+    model = perturb_(UNet(config))
+    x, t = inputs(config)
+    y = None if num_classes is None else torch.tensor([0, 4])
+    out = model(x, t, y)
+    assert out.shape == x.shape
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_default_config_is_the_ddpm_cifar10_network_with_35_7m_parameters():
+    n = UNet(UNetConfig()).num_parameters()
+    assert n == 35_746_307  # Ho et al. 2020's CIFAR-10 model, as diffusers' UNet2DModel counts it
+    assert round(n / 1e6, 1) == 35.7
+
+
+def test_class_conditioning_adds_one_embedding_row_per_class_plus_the_null_class():
+    base = UNet(tiny_config()).num_parameters()
+    conditional = UNet(tiny_config(num_classes=10)).num_parameters()
+    assert conditional - base == (10 + 1) * 4 * 16
+
+
+@pytest.mark.parametrize("attention_type", ["softmax", "linear"])
+def test_output_is_zero_at_initialisation(attention_type):
+    config = tiny_config(attention_type=attention_type)
+    model = UNet(config)
+    x, t = inputs(config)
+    assert torch.equal(model(x, t), torch.zeros_like(x))
+
+
+def test_every_parameter_gets_a_gradient_once_the_zero_initialised_layers_have_moved():
+    # Step 1 moves only the output conv; step 2 the zero-initialised convs of the residual
+    # branches, which the skip connections reach; from the third backward on, all parameters
+    # must get a gradient (none is dead or unused).
+    config = tiny_config(num_classes=3, dropout=0.1)
+    model = UNet(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, t = inputs(config, batch=4)
+    y = torch.tensor([0, 1, 2, 3])  # 3 is the null class: every embedding row is used
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.mse_loss(model(x, t, y), torch.randn_like(x)).backward()
+        optimizer.step()
+    dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert dead == []
+
+
+def test_different_labels_give_different_outputs():
+    config = tiny_config(num_classes=3)
+    model = perturb_(UNet(config))
+    x, t = inputs(config)
+    out0 = model(x, t, torch.tensor([0, 0]))
+    out1 = model(x, t, torch.tensor([1, 1]))
+    assert not torch.allclose(out0, out1, atol=1e-4)
+
+
+def test_missing_labels_mean_the_null_class():
+    config = tiny_config(num_classes=3)
+    model = perturb_(UNet(config))
+    x, t = inputs(config)
+    assert model.null_class == 3
+    null = torch.full((2,), model.null_class)
+    torch.testing.assert_close(model(x, t), model(x, t, null))
+
+
+def test_unconditional_model_has_no_null_class_and_rejects_labels():
+    config = tiny_config()
+    model = UNet(config)
+    x, t = inputs(config)
+    assert model.null_class is None
+    with pytest.raises(ValueError, match="unconditional"):
+        model(x, t, torch.tensor([0, 1]))
+
+
+def test_timesteps_may_be_integers_or_floats():
+    config = tiny_config()
+    model = perturb_(UNet(config))
+    x, t = inputs(config)
+    torch.testing.assert_close(model(x, t), model(x, t.float()))
+
+
+def test_inputs_of_the_wrong_shape_are_rejected():
+    config = tiny_config()
+    model = UNet(config)
+    x, t = inputs(config)
+    with pytest.raises(AssertionError, match="in_channels"):
+        model(x[:, :2], t)
+    with pytest.raises(AssertionError, match="t must have shape"):
+        model(x, t[:1])
+
+
+@pytest.mark.parametrize("attention_type", ["softmax", "linear"])
+def test_channels_last_gives_the_same_output_and_gradients_as_contiguous(attention_type):
+    config = tiny_config(attention_type=attention_type, num_heads=1)
+    model = perturb_(UNet(config))
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x, t = inputs(config)
+    out = model(x, t)
+    out_cl = model_cl(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(out_cl, out, atol=1e-5, rtol=1e-4)
+    out.square().sum().backward()
+    out_cl.square().sum().backward()
+    for (name, p), p_cl in zip(model.named_parameters(), model_cl.parameters(), strict=True):
+        torch.testing.assert_close(p_cl.grad, p.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("attention_type", ["softmax", "linear"])
+def test_bf16_autocast_trains(attention_type):
+    config = tiny_config(attention_type=attention_type, num_classes=2)
+    model = perturb_(UNet(config)).to(memory_format=torch.channels_last)
+    x, t = inputs(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x.contiguous(memory_format=torch.channels_last), t, torch.tensor([0, 1]))
+    assert out.shape == x.shape
+    F.mse_loss(out.float(), x).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        reference = model(x, t, torch.tensor([0, 1]))
+    assert (out.float() - reference).abs().mean() < 0.05 * reference.abs().mean()
+
+
+def test_dropout_acts_in_training_only():
+    config = tiny_config(dropout=0.5)
+    model = perturb_(UNet(config))
+    x, t = inputs(config)
+    model.eval()
+    torch.testing.assert_close(model(x, t), model(x, t))
+    model.train()
+    assert not torch.allclose(model(x, t), model(x, t))
+
+
+# --- blocks --------------------------------------------------------------------------------
+
+
+def test_sinusoidal_embedding_follows_the_ddpm_formula():
+    t = torch.tensor([0, 1, 10, 999])
+    emb = SinusoidalEmbedding(8)(t)
+    freqs = 10000.0 ** (-torch.arange(4) / 3)
+    expected = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], dim=1)
+    torch.testing.assert_close(emb, expected.float())
+    assert SinusoidalEmbedding(9)(t).shape == (4, 9)
+
+
+@pytest.mark.parametrize("in_ch, out_ch", [(8, 8), (8, 16)])
+def test_resblock_is_its_shortcut_at_initialisation(in_ch, out_ch):
+    block = ResBlock(in_ch, out_ch, emb_dim=12, num_groups=4)
+    x, emb = torch.randn(2, in_ch, 8, 8), torch.randn(2, 12)
+    torch.testing.assert_close(block(x, emb), block.skip(x))
+
+
+@pytest.mark.parametrize("cls", [Attention, LinearAttention])
+def test_attention_is_the_identity_at_initialisation(cls):
+    x = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(cls(8, num_heads=2, num_groups=4)(x), x)
+
+
+def naive_attention(block: Attention, x: torch.Tensor, linear: bool) -> torch.Tensor:
+    """O(N^2) reference: explicit (N, N) weights per head, then proj and residual."""
+    B, C, H, W = x.shape
+    heads, d = block.num_heads, C // block.num_heads
+    qkv = block.qkv(block.norm(x)).reshape(B, 3, heads, d, H * W)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (B, heads, d, N)
+    if linear:
+        sim = torch.einsum("bhdi,bhdj->bhij", F.elu(q) + 1, F.elu(k) + 1)  # (B, heads, N, N)
+        weights = sim / sim.sum(dim=-1, keepdim=True)
+    else:
+        weights = torch.einsum("bhdi,bhdj->bhij", q, k).div(math.sqrt(d)).softmax(dim=-1)
+    out = torch.einsum("bhij,bhdj->bhdi", weights, v).reshape(B, C, H, W)
+    return x + block.proj(out)
+
+
+@pytest.mark.parametrize("cls, linear", [(Attention, False), (LinearAttention, True)])
+def test_attention_matches_a_naive_quadratic_reference(cls, linear):
+    torch.manual_seed(0)
+    block = perturb_(cls(8, num_heads=2, num_groups=4), std=0.2)
+    x = torch.randn(2, 8, 5, 6)
+    torch.testing.assert_close(block(x), naive_attention(block, x, linear), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [Attention, LinearAttention])
+def test_attention_is_equivariant_to_permutations_of_the_pixels(cls):
+    torch.manual_seed(0)
+    block = perturb_(cls(8, num_heads=2, num_groups=4), std=0.2)
+    x = torch.randn(2, 8, 4, 4)
+    perm = torch.randperm(16)
+    permuted_in = x.flatten(2)[..., perm].reshape_as(x)
+    permuted_out = block(x).flatten(2)[..., perm].reshape_as(x)
+    torch.testing.assert_close(block(permuted_in), permuted_out, atol=1e-5, rtol=1e-4)
