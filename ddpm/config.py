@@ -94,3 +94,43 @@ class DiffusionConfig(_Frozen):
     min_snr_gamma: float | None = Field(
         None, gt=0.0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); None: off."
     )
+
+
+class TrainConfig(_Frozen):
+    """The optimisation: what ``ddpm.train.train`` needs beyond the model and the diffusion."""
+
+    steps: int = Field(800_000, ge=1, description="Optimizer steps to train for.")
+    batch_size: int = Field(128, ge=1, description="Images per step (per process under DDP).")
+    lr: float = Field(2.0e-4, gt=0.0, description="AdamW learning rate after warm-up.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    warmup_steps: int = Field(5000, ge=0, description="Linear learning-rate warm-up steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="After warm-up: constant, or cosine decay to 0 at `steps`."
+    )
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Max gradient norm; None: off.")
+    hflip: bool = Field(True, description="Random horizontal flips.")
+    label_dropout: float = Field(
+        0.1, ge=0.0, le=1.0, description="Conditional models: P(label -> null class) for CFG."
+    )
+    val_every: int = Field(5000, ge=1, description="Validation loss every N steps.")
+    val_timesteps: int = Field(10, ge=1, description="Fixed timesteps the validation loss uses.")
+    val_images: int = Field(750, ge=1, description="Validation images used, at most.")
+    checkpoint_every: int = Field(5000, ge=1, description="Write the `last` checkpoint every N.")
+    sample_every: int = Field(20_000, ge=1, description="Preview grid from the EMA every N.")
+    sample_images: int = Field(16, ge=1, description="Images in each preview grid.")
+    sample_steps: int = Field(25, ge=1, description="DDIM steps of the preview grids.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without improvement."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Improvement that counts.")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    compile: bool = Field(False, description="torch.compile the model.")
+    channels_last: bool = Field(True, description="channels_last memory format.")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms.")
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> TrainConfig:
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must lie in [0, 1); got {list(self.adam_betas)}")
+        return self

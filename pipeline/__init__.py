@@ -1,0 +1,1 @@
+"""The experiment pipeline: one Typer command per DVC stage, over the ``ddpm`` library."""

@@ -1,0 +1,58 @@
+"""The machine side of a stage: device choice and torch.distributed (torchrun) set-up."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ddpm.train import Distributed
+from pipeline.settings import Machine
+
+
+def pick_device(machine: Machine, local_rank: int = 0) -> torch.device:
+    """DDPM_DEVICE if set, else cuda, then mps, then cpu."""
+    if machine.device:
+        device = torch.device(machine.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("DDPM_DEVICE=cuda but no CUDA device is visible; unset it or use cpu")
+        return torch.device("cuda", local_rank) if device.type == "cuda" else device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@contextmanager
+def distributed(machine: Machine):
+    """Yield (Distributed, device): a process group under torchrun, a single process otherwise.
+
+    NCCL on GPUs, gloo on CPU (which is how the tests run two processes on one machine).
+    """
+    if machine.num_threads:
+        torch.set_num_threads(machine.num_threads)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        yield Distributed(), pick_device(machine)
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(machine, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ids = [device.index] if device.type == "cuda" else None
+    try:
+        yield (
+            Distributed(
+                rank=torch_dist.get_rank(),
+                world_size=world_size,
+                wrap=lambda m: DistributedDataParallel(m, device_ids=ids),
+            ),
+            device,
+        )
+    finally:
+        torch_dist.destroy_process_group()

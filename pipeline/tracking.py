@@ -1,0 +1,143 @@
+"""MLflow at the edge: one run per experiment, shared by all its stages, never fatal.
+
+The run is found by its ``run_key`` tag: the DVC experiment name (``DVC_EXP_NAME``, set by
+``dvc exp run``) or, under plain ``dvc repro``, the git commit plus a hash of params.yaml. The
+stage that opens a run logs the whole flattened params.yaml, so a run opened by a later stage
+(when DVC skipped the earlier ones) still carries every param. The store defaults to
+``sqlite:///mlflow.db`` in the project root; ``MLFLOW_TRACKING_URI`` points elsewhere.
+If tracking fails, the stage goes on and says so once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "ddpm")
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{(project_root() / 'mlflow.db').resolve()}"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 1e-4}} -> {"train.lr": "0.0001"}; lists as JSON."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_key(params: dict[str, Any]) -> str:
+    exp = os.environ.get("DVC_EXP_NAME")
+    if exp:
+        return exp
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{git_commit()[:8]}-{digest}"
+
+
+class Tracker:
+    """Context manager around the experiment's MLflow run for one stage.
+
+    Every method is a no-op after the first failure (or when ``enabled`` is False, as on
+    ranks other than 0), so tracking can never lose a training run.
+    """
+
+    def __init__(self, params: dict[str, Any], stage: str, enabled: bool = True) -> None:
+        self.params, self.stage, self.enabled = params, stage, enabled
+        self.run_id: str | None = None
+        self._mlflow = None
+
+    def _fail(self, what: str, exc: Exception) -> None:
+        print(
+            f"warning: MLflow tracking is off for this stage ({what} failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the stage goes on. "
+            f"Tracking URI: {tracking_uri()}",
+            file=sys.stderr,
+        )
+        self.enabled = False
+
+    def __enter__(self) -> Tracker:
+        if not self.enabled:
+            return self
+        # Fail fast when a remote server is down, instead of minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            import mlflow
+
+            self._mlflow = mlflow
+            mlflow.set_tracking_uri(tracking_uri())
+            experiment = mlflow.set_experiment(EXPERIMENT)
+            key = run_key(self.params)
+            found = mlflow.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.run_key = '{key}'",
+                output_format="list",
+                max_results=1,
+            )
+            if found:
+                mlflow.start_run(run_id=found[0].info.run_id)
+            else:
+                name = os.environ.get("DVC_EXP_NAME") or f"repro-{key}"
+                mlflow.start_run(run_name=name)
+                mlflow.set_tags(
+                    {
+                        "run_key": key,
+                        "git_commit": git_commit(),
+                        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+                        "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+                    }
+                )
+                mlflow.log_params(flatten(self.params))
+            self.run_id = mlflow.active_run().info.run_id
+            mlflow.set_tag(f"stage.{self.stage}", "started")
+        except Exception as exc:
+            self._fail("opening the run", exc)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.enabled and self._mlflow is not None:
+            try:
+                self._mlflow.set_tag(f"stage.{self.stage}", "failed" if exc_type else "done")
+                self._mlflow.end_run("FAILED" if exc_type else "FINISHED")
+            except Exception as err:
+                self._fail("closing the run", err)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.enabled:
+            try:
+                self._mlflow.log_metrics(metrics, step=step)
+            except Exception as exc:
+                self._fail("logging metrics", exc)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            try:
+                self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            except Exception as exc:
+                self._fail("logging an artifact", exc)

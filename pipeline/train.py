@@ -1,0 +1,141 @@
+"""``pipeline train``: train the UNet on the prepared split, tracked in MLflow.
+
+Outputs: ``models/checkpoints/`` (``last.pt``, ``best.pt``, the live loss curve and preview
+grids; DVC ``persist: true`` so a killed ``dvc repro`` resumes), ``models/ema.pt`` (the final
+EMA weights with their config), ``metrics/train.json`` and ``metrics/train_curve.tsv``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import typer
+
+from ddpm.checkpoint import save_checkpoint
+from ddpm.data.prepared import load_prepared
+from ddpm.train import Dataset, Hooks, train
+from pipeline.errors import stage_errors
+from pipeline.outputs import atomic_write_bytes, grid, save_png, write_json
+from pipeline.runtime import distributed
+from pipeline.settings import Machine, load_params
+from pipeline.tracking import Tracker
+
+CURVES = {
+    "train_curve.tsv": ["step", "loss", "lr", "grad_norm", "images_per_second"],
+    "val_curve.tsv": ["step", "val_loss"],
+}
+
+
+class Curves:
+    """Step curves as TSV files with a ``step`` column (DVC plots, ``x: step``).
+
+    They live in the persistent checkpoint folder and are cut back to the resumed step, so a
+    resumed run never repeats rows; the stage copies them to ``metrics/`` when it ends.
+    """
+
+    def __init__(self, folder: Path, resume_step: int) -> None:
+        self.folder = folder
+        for name, columns in CURVES.items():
+            path = folder / name
+            rows = path.read_text().splitlines()[1:] if path.exists() else []
+            kept = [r for r in rows if int(r.split("\t")[0]) <= resume_step]
+            atomic_write_bytes(path, "\n".join(["\t".join(columns), *kept, ""]).encode())
+
+    def append(self, step: int, metrics: dict[str, float]) -> None:
+        for name, columns in CURVES.items():
+            if all(c in metrics for c in columns[1:]):
+                with open(self.folder / name, "a") as f:
+                    f.write("\t".join([str(step)] + [f"{metrics[c]:.6g}" for c in columns[1:]]))
+                    f.write("\n")
+
+    def publish(self, metrics_dir: Path) -> list[Path]:
+        out = []
+        for name in CURVES:
+            out.append(metrics_dir / name)
+            atomic_write_bytes(out[-1], (self.folder / name).read_bytes())
+        return out
+
+
+def _last_step(checkpoints: Path) -> int:
+    last = checkpoints / "last.pt"
+    if not last.exists():
+        return 0
+    return int(torch.load(last, map_location="cpu", weights_only=True)["step"])
+
+
+def train_command(
+    params: Path = typer.Option(Path("params.yaml"), help="The experiment's params file."),
+    data: Path = typer.Option(Path("data/prepared"), help="Prepared data folder."),
+    models: Path = typer.Option(Path("models"), help="Where checkpoints and weights go."),
+    metrics: Path = typer.Option(Path("metrics"), help="Where train.json and the curve go."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard old checkpoints, start over."),
+) -> None:
+    """Train the UNet (resuming from models/checkpoints/last.pt when it exists)."""
+    with stage_errors():
+        p = load_params(params)
+        train_split, val_split = load_prepared(data, "train"), load_prepared(data, "val")
+        num_classes = train_split.manifest["num_classes"] if p.model.conditional else None
+        unet_config = p.unet_config(num_classes)
+        checkpoints = models / "checkpoints"
+        with distributed(Machine()) as (dist, device):
+            if fresh and dist.is_main:
+                shutil.rmtree(checkpoints, ignore_errors=True)
+            curves = Curves(checkpoints, _last_step(checkpoints)) if dist.is_main else None
+            with Tracker(p.model_dump(mode="json"), "train", enabled=dist.is_main) as tracker:
+
+                def on_metrics(step: int, values: dict[str, float]) -> None:
+                    curves.append(step, values)
+                    tracker.log_metrics(values, step)
+
+                def on_samples(step: int, images: torch.Tensor) -> None:
+                    path = checkpoints / "previews" / f"step_{step:07d}.png"
+                    save_png(path, grid(images))
+                    tracker.log_artifact(path, "previews")
+
+                result, ema = train(
+                    unet_config,
+                    p.diffusion_config(),
+                    p.train,
+                    p.ema,
+                    Dataset(train_split.images, train_split.labels if num_classes else None),
+                    Dataset(val_split.images, val_split.labels if num_classes else None),
+                    checkpoint_dir=checkpoints,
+                    seed=p.seed,
+                    device=device,
+                    resume=not fresh,
+                    hooks=Hooks(on_metrics=on_metrics, on_samples=on_samples),
+                    dist=dist,
+                )
+                if not dist.is_main:
+                    return
+                weights = models / "ema.pt"
+                save_checkpoint(
+                    {
+                        "step": result.step,
+                        "config": {
+                            "unet": unet_config.model_dump(mode="json"),
+                            "diffusion": p.diffusion_config().model_dump(mode="json"),
+                        },
+                        "ema": ema.module.state_dict(),
+                        "class_names": train_split.manifest["class_names"],
+                    },
+                    weights,
+                )
+                summary = {
+                    "steps": result.step,
+                    "best_val_loss": result.best_val_loss,
+                    "final_val_loss": result.final_val_loss,
+                    "wall_time_s": round(result.wall_time_s, 2),
+                    "images_per_second": round(result.images_per_second, 2),
+                    "effective_batch_size": p.train.batch_size * dist.world_size,
+                    "stopped_early": result.stopped_early,
+                    "resumed_from_step": result.resumed_from_step,
+                }
+                write_json(metrics / "train.json", summary)
+                curve_files = curves.publish(metrics)
+                tracker.log_metrics({f"final_{k}": float(v) for k, v in summary.items()})
+                tracker.log_artifact(weights, "weights")
+                for path in curve_files:
+                    tracker.log_artifact(path, "curves")

@@ -1,0 +1,177 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.config import DiffusionConfig, TrainConfig, UNetConfig
+from ddpm.data.synthetic import make_synthetic
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.ema import EMAConfig
+from ddpm.train import (
+    Dataset,
+    Hooks,
+    NonFiniteLossError,
+    draw_batch,
+    lr_factor,
+    train,
+    validation_loss,
+)
+from ddpm.unet import UNet
+
+TINY = UNetConfig(
+    image_size=16,
+    base_channels=16,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(8,),
+    num_groups=8,
+    dropout=0.1,
+)
+DIFFUSION = DiffusionConfig(timesteps=100)
+
+
+def short(**kw) -> TrainConfig:
+    base = dict(
+        steps=12,
+        batch_size=8,
+        lr=1e-3,
+        warmup_steps=3,
+        val_every=6,
+        checkpoint_every=3,
+        sample_every=1000,
+        val_images=16,
+        val_timesteps=3,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[Dataset, Dataset]:
+    split = make_synthetic(160, 16, seed=0)
+    images = torch.from_numpy(split.images)
+    return Dataset(images[:128]), Dataset(images[128:])
+
+
+def run(tmp: Path, data, config: TrainConfig, unet=TINY, **kw):
+    return train(
+        unet,
+        DIFFUSION,
+        config,
+        EMAConfig(decay=0.9),
+        *data,
+        checkpoint_dir=tmp,
+        progress=False,
+        log_every=3,
+        hooks=kw.pop("hooks", Hooks(log=lambda m: None)),
+        **kw,
+    )
+
+
+def test_training_on_the_synthetic_set_lowers_the_validation_loss(tmp_path, data):
+    config = short(
+        steps=150,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=10,
+        val_every=50,
+        checkpoint_every=50,
+        val_images=32,
+        val_timesteps=5,
+    )
+    curve: list[float] = []
+    hooks = Hooks(
+        on_metrics=lambda s, m: curve.append(m["val_loss"]) if "val_loss" in m else None,
+        log=lambda m: None,
+    )
+    result, _ = run(tmp_path, data, config, hooks=hooks)
+    assert result.step == 150 and len(curve) == 3
+    untrained = validation_loss(
+        UNet(TINY),
+        GaussianDiffusion(DIFFUSION),
+        Dataset(data[1].images[:32].permute(0, 3, 1, 2)),
+        num_timesteps=5,
+        batch_size=16,
+    )
+    assert untrained == pytest.approx(1.0, abs=0.1)  # zero-initialised output: eps loss E[eps^2]
+    assert curve[0] > curve[1] > curve[2] and curve[-1] < 0.3 * untrained, (untrained, curve)
+    assert load_checkpoint(tmp_path / "best.pt")["best_val_loss"] == pytest.approx(min(curve))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_to_the_same_weights_as_an_unbroken_one(tmp_path, data):
+    unbroken, _ = run(tmp_path / "a", data, short())
+    full = load_checkpoint(tmp_path / "a" / "last.pt")
+
+    def kill(step, metrics):
+        if step == 9:  # after the checkpoint of step 9 is due but before it is written
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path / "b", data, short(), hooks=Hooks(on_metrics=kill, log=lambda m: None))
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 6
+    messages: list[str] = []
+    resumed, _ = run(tmp_path / "b", data, short(), hooks=Hooks(log=messages.append))
+    assert any("resumed from" in m and "at step 6" in m for m in messages), messages
+    assert resumed.resumed_from_step == 6 and resumed.step == 12
+    again = load_checkpoint(tmp_path / "b" / "last.pt")
+    # Bit-exact on CPU: every random draw is a function of (seed, rank, step).
+    for key in ("model", "ema"):
+        for name, tensor in full[key].items():
+            assert torch.equal(tensor, again[key][name]), (key, name)
+    assert again["optimizer"]["state"][0]["step"] == full["optimizer"]["state"][0]["step"]
+    assert resumed.final_val_loss == unbroken.final_val_loss
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    # An absurd learning rate blows the weights up after the first step.
+    config = short(lr=1e30, warmup_steps=0, checkpoint_every=1, grad_clip=None)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+"):
+        run(tmp_path, data, config)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["step"] >= 1
+    assert all(
+        bool(torch.isfinite(v).all()) for v in ckpt["model"].values() if v.is_floating_point()
+    )
+
+
+def test_a_checkpoint_from_another_model_config_is_refused(tmp_path, data):
+    run(tmp_path, data, short(steps=3))
+    wider = TINY.model_copy(update={"base_channels": 32})
+    with pytest.raises(CheckpointError, match=r"unet\.base_channels: checkpoint 16, params 32"):
+        run(tmp_path, data, short(steps=6), unet=wider)
+    result, _ = run(tmp_path, data, short(steps=3), unet=wider, resume=False)
+    assert result.resumed_from_step == 0
+
+
+def test_a_truncated_checkpoint_is_an_error_not_a_fresh_start(tmp_path, data):
+    run(tmp_path, data, short(steps=3))
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        run(tmp_path, data, short(steps=6))
+
+
+def test_lr_warms_up_linearly_then_follows_its_schedule():
+    config = short(steps=110, warmup_steps=10, lr_schedule="cosine")
+    assert [lr_factor(s, config) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_factor(60, config) == pytest.approx(0.5)
+    assert lr_factor(110, config) == pytest.approx(0.0)
+    assert lr_factor(60, short(steps=110, warmup_steps=10)) == 1.0
+
+
+def test_batches_are_scaled_to_minus_one_one_and_flipped_half_the_time():
+    images = torch.arange(4 * 3 * 2 * 2, dtype=torch.uint8).reshape(4, 3, 2, 2) * 10
+    images[:, :, :, 0] = 0
+    images[:, :, :, 1] = 255
+    x, _ = draw_batch(images, None, 2000, True, torch.Generator().manual_seed(0))
+    assert x.min() == -1 and x.max() == 1
+    flipped = (x[:, 0, 0, 0] == 1).float().mean().item()
+    assert 0.45 < flipped < 0.55
+    x, _ = draw_batch(images, None, 100, False, torch.Generator().manual_seed(0))
+    assert bool((x[:, :, :, 0] == -1).all())
+    assert not math.isnan(flipped)

@@ -1,0 +1,91 @@
+"""params.yaml: complete, valid, and every bad value stopped with its key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from pipeline.settings import Params, ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def keys_of(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= keys_of(annotation, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def keys_in(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            keys |= keys_in(value, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def test_params_yaml_has_every_key_so_dvc_exp_run_s_can_set_it():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert keys_in(raw) == keys_of(Params)
+    assert "&" not in (ROOT / "params.yaml").read_text()  # no anchors: -S edits only one copy
+
+
+def test_default_params_describe_the_ddpm_cifar10_experiment():
+    params = load_params(ROOT / "params.yaml")
+    assert params.dataset == "cifar10-cars" and params.image_size == 32
+    assert params.schedule == "linear" and params.diffusion.timesteps == 1000
+    assert params.unet_config().base_channels == 128
+    assert isinstance(params.train.lr, float)
+
+
+def write(tmp_path: Path, **overrides) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ({"schedule": "cosin"}, ["schedule", "'linear', 'cosine' or 'sigmoid'"]),
+        ({"train__lr": -1.0}, ["train.lr", "greater than 0"]),
+        ({"dataset": "mnist"}, ["dataset", "'cifar10-cars'"]),
+        ({"diffusion__prediction": "noise"}, ["diffusion.prediction", "'eps', 'x0' or 'v'"]),
+        ({"model__attention_resolutions": [3]}, ["attention_resolutions [3] are never reached"]),
+        ({"train__batchsize": 64}, ["train.batchsize", "Extra inputs are not permitted"]),
+        ({"image_size": 64}, ["image_size=64 is more than dataset=cifar10-cars has"]),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_key(tmp_path, override, words):
+    with pytest.raises(ParamsError) as info:
+        load_params(write(tmp_path, **override))
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_an_override_reaches_the_code(tmp_path):
+    params = load_params(write(tmp_path, schedule="cosine", diffusion__timesteps=500))
+    config = params.diffusion_config()
+    assert (config.schedule, config.timesteps) == ("cosine", 500)
+
+
+def test_a_missing_params_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match="no such params file"):
+        load_params(tmp_path / "nope.yaml")

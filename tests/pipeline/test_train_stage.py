@@ -1,0 +1,196 @@
+"""The train stage through its CLI: outputs, MLflow (SQLite and a real server), DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from ddpm.checkpoint import load_checkpoint
+from pipeline.cli import app
+
+runner = CliRunner()
+
+PARAMS = {
+    "dataset": "synthetic",
+    "image_size": 16,
+    "seed": 0,
+    "data": {"num_images": 120},
+    "model": {
+        "base_channels": 16,
+        "channel_mults": [1, 2],
+        "num_res_blocks": 1,
+        "attention_resolutions": [8],
+        "num_groups": 8,
+    },
+    "diffusion": {"timesteps": 50},
+    "train": {
+        "steps": 8,
+        "batch_size": 4,
+        "warmup_steps": 2,
+        "val_every": 4,
+        "checkpoint_every": 4,
+        "sample_every": 8,
+        "sample_images": 4,
+        "sample_steps": 3,
+        "val_images": 8,
+        "val_timesteps": 2,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prepared")
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    result = runner.invoke(
+        app, ["prepare", "--params", str(root / "params.yaml"), "--out-dir", str(root / "data")]
+    )
+    assert result.exit_code == 0, result.output
+    return root / "data"
+
+
+@pytest.fixture
+def project(tmp_path, prepared, monkeypatch) -> Path:
+    """A project folder with prepared data and params; the cwd and the MLflow store are in it."""
+    shutil.copytree(prepared, tmp_path / "data" / "prepared")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_run(uri: str, tmp_path: Path) -> None:
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("ddpm")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["train.steps"] == "8" and run.data.params["schedule"] == "linear"
+    assert run.data.params["model.channel_mults"] == "[1, 2]"
+    assert run.data.tags["git_commit"] and run.data.tags["stage.train"] == "done"
+    assert run.data.metrics["final_steps"] == 8
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [4, 8]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [4, 8]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"weights", "previews", "curves"} <= artifacts
+    local = client.download_artifacts(run.info.run_id, "weights/ema.pt", str(tmp_path / "dl"))
+    assert "ema" in load_checkpoint(Path(local))
+
+
+def test_train_writes_checkpoints_metrics_curves_and_an_mlflow_run(project):
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 0, result.output
+    assert "starting fresh" in result.output
+    summary = json.loads((project / "metrics" / "train.json").read_text())
+    assert summary["steps"] == 8 and summary["best_val_loss"] <= summary["final_val_loss"] + 1e-9
+    curve = (project / "metrics" / "train_curve.tsv").read_text().splitlines()
+    assert curve[0].split("\t")[:2] == ["step", "loss"] and len(curve) == 3
+    assert (project / "metrics" / "val_curve.tsv").read_text().splitlines()[1].startswith("4\t")
+    weights = load_checkpoint(project / "models" / "ema.pt")
+    assert weights["step"] == 8 and weights["config"]["unet"]["base_channels"] == 16
+    assert (project / "models" / "checkpoints" / "previews" / "step_0000008.png").stat().st_size
+    check_run(f"sqlite:///{project / 'mlflow.db'}", project)
+
+    # Run again with more steps: it resumes, says so, and extends the same curve
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["steps"] = 12
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 0, result.output
+    assert "resumed from models/checkpoints/last.pt at step 8" in result.output
+    steps = [
+        r.split("\t")[0] for r in (project / "metrics/train_curve.tsv").read_text().split("\n")
+    ]
+    assert steps[1:-1] == ["4", "8", "12"]
+
+
+def test_train_logs_to_a_real_mlflow_server(project, monkeypatch):
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{project / 'server.db'}",
+            "--artifacts-destination", str(project / "server-artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server did not start in 90 s"
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        result = runner.invoke(app, ["train"])
+        assert result.exit_code == 0, result.output
+        check_run(uri, project)
+        assert not (project / "mlflow.db").exists()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def test_an_unreachable_tracking_server_does_not_stop_training(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("MLflow tracking is off") == 1
+    assert json.loads((project / "metrics" / "train.json").read_text())["steps"] == 8
+
+
+def test_a_changed_model_config_is_refused_with_a_clear_error(project):
+    assert runner.invoke(app, ["train"]).exit_code == 0
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["base_channels"] = 32
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1
+    assert "unet.base_channels: checkpoint 16, params 32" in result.output
+    assert "--fresh" in result.output and "Traceback" not in result.output
+    assert runner.invoke(app, ["train", "--fresh"]).exit_code == 0
+
+
+def test_ddp_with_two_gloo_processes_trains_and_only_rank_zero_writes(project):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPM_DEVICE": "cpu"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), "-m", "pipeline.cli", "train",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (done.stdout + done.stderr).count("starting fresh") == 1
+    summary = json.loads((project / "metrics" / "train.json").read_text())
+    assert summary["effective_batch_size"] == 8 and summary["steps"] == 8
+    ckpt = load_checkpoint(project / "models" / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 8 and not any("module." in k for k in ckpt["model"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    assert len(runs) == 1
+    assert torch.isfinite(torch.tensor(summary["final_val_loss"]))
