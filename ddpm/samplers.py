@@ -3,13 +3,16 @@
 Each sampler walks a materialised list of timesteps (never ``t - T // steps``), predicts x0 and
 eps with the network (with classifier-free guidance when labels and a scale are given) and
 applies its update rule. Noise comes from ``generator`` (a CPU generator gives the same images
-on every device), so a sampler is deterministic for a given generator state.
+on every device), so a sampler is deterministic for a given generator state. ``generator`` may
+also be a list with one generator per image: each image's noise then comes from its own
+generator, so an image does not depend on the batch it is sampled in (``ddpm.sampling`` seeds
+one per image index). ``x_T`` replaces the initial noise (interpolations between noises).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -23,6 +26,8 @@ Spacing = Literal["leading", "linspace", "trailing"]
 Variance = Literal["posterior", "beta"]
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 """Called after each step as ``callback(step_index, t, x_t, x0_pred)``."""
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the batch, one per image (row), or None for the global generator."""
 
 
 def make_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "trailing") -> torch.Tensor:
@@ -48,11 +53,35 @@ def make_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "trailing"
 
 
 def randn(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str
+    shape: tuple[int, ...], generator: Generators, device: torch.device | str
 ) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device, then moved to ``device``."""
+    """Standard normal noise drawn on the generator's device, then moved to ``device``.
+
+    With a list of generators, row i of the (B, ...) result is drawn from ``generator[i]``.
+    """
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(
+                f"{len(generator)} generators for a batch of {shape[0]}; give one per row"
+            )
+        rows = [torch.randn(shape[1:], generator=g, device=g.device).to(device) for g in generator]
+        return torch.stack(rows)
     gen_device = generator.device if generator is not None else "cpu"
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def initial_noise(
+    shape: tuple[int, ...],
+    x_T: torch.Tensor | None,
+    generator: Generators,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """x_T ~ N(0, I) of ``shape``, or the given ``x_T`` (checked against ``shape``)."""
+    if x_T is None:
+        return randn(shape, generator, device)
+    if tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected {tuple(shape)}")
+    return x_T.to(device)
 
 
 @torch.no_grad()
@@ -153,14 +182,15 @@ def ddpm_sample(
     clip_x0: bool = True,
     y: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
+    x_T: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling over all T steps (or ``steps`` respaced ones). Returns x0 (B, C, H, W)."""
     timesteps = make_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing)
-    x = randn(shape, generator, device)  # 1. x_T ~ N(0, I)
+    x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     for i, (t, t_prev) in enumerate(tqdm(_pairs(timesteps), disable=not progress, desc="ddpm")):
         x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. predict x0
         noise = randn(shape, generator, device) if t_prev >= 0 else None
@@ -181,7 +211,8 @@ def ddim_sample(
     clip_x0: bool = True,
     y: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
+    x_T: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     callback: StepCallback | None = None,
@@ -190,7 +221,7 @@ def ddim_sample(
     if eta < 0:
         raise ValueError(f"eta must be >= 0; got {eta}")
     timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing)
-    x = randn(shape, generator, device)  # 1. x_T ~ N(0, I)
+    x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     for i, (t, t_prev) in enumerate(tqdm(_pairs(timesteps), disable=not progress, desc="ddim")):
         x0, eps = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. predict
         noise = randn(shape, generator, device) if eta > 0 and t_prev >= 0 else None
@@ -210,7 +241,8 @@ def dpm_solver_sample(
     clip_x0: bool = True,
     y: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
+    x_T: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     callback: StepCallback | None = None,
@@ -224,7 +256,7 @@ def dpm_solver_sample(
     The last step, to t = -1 (sigma = 0), returns the predicted x0 itself.
     """
     timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing)
-    x = randn(shape, generator, device)  # 1. x_T ~ N(0, I)
+    x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     x0_last, h_last = None, None
     for i, (t, t_prev) in enumerate(tqdm(_pairs(timesteps), disable=not progress, desc="dpm")):
         x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. data prediction

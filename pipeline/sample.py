@@ -1,0 +1,320 @@
+"""``pipeline sample``: images from the trained weights, with a grid, a GIF and figures.
+
+Outputs, in ``samples/`` (DVC ``cache: false``: thousands of PNGs)::
+
+    images/000000.png ...     every image, at the training resolution (what evaluate reads)
+    grid.png                  the first ``sample.grid_images`` images
+    denoising.gif             x_t of the first ``sample.gif_images`` images along the sampler
+    interpolation.png         slerp between the noises of images 0 and 1 (``sample.interpolation``)
+    figures/schedule.png      beta_t, alpha-bar_t and log-SNR over t, the sampled steps marked
+    figures/forward_process.png   real training images noised at a few t
+    manifest.json             what was sampled, how (evaluate reads it)
+
+Image ``i`` draws its noise from a generator seeded by (seed, i), and batch k always holds
+images [k B, (k + 1) B); under torchrun rank r renders batches r, r + world_size, ..., so the
+set is the one a single process makes, bit for bit (on the same device and thread count).
+Everything is written into a temporary sibling folder that replaces ``samples/`` at the end.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import typer
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ddpm.checkpoint import CheckpointError
+from ddpm.data.prepared import load_prepared
+from ddpm.figures import forward_process_figure, schedule_figure
+from ddpm.samplers import make_timesteps
+from ddpm.sampling import (
+    NonFiniteSamplesError,
+    SamplingModel,
+    generate,
+    image_generators,
+    image_labels,
+    load_sampling_model,
+    slerp,
+    to_uint8,
+)
+from ddpm.train import Distributed, to_float
+from pipeline.errors import stage_errors
+from pipeline.outputs import atomic_write_bytes, grid, save_png, write_json
+from pipeline.runtime import distributed
+from pipeline.settings import Machine, ParamsError, SampleParams, load_params
+from pipeline.tracking import Tracker
+
+FORWARD_FRACTIONS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # of T - 1, in the forward figure
+FORWARD_IMAGES = 4
+
+
+def sample_command(
+    params: Path = typer.Option(Path("params.yaml"), help="The experiment's params file."),
+    models: Path = typer.Option(Path("models"), help="Where ema.pt and checkpoints/ are."),
+    data: Path = typer.Option(Path("data/prepared"), help="Prepared data (forward figure)."),
+    out: Path = typer.Option(Path("samples"), help="The samples folder to write."),
+) -> None:
+    """Sample images from the trained weights (sharded across processes under torchrun)."""
+    with stage_errors():
+        p = load_params(params)
+        p.check_sampling()
+        s = p.sample
+        path = models / ("ema.pt" if s.weights == "ema" else "checkpoints/last.pt")
+        with (
+            distributed(Machine()) as (dist, device),
+            Tracker(p.model_dump(mode="json"), "sample", enabled=dist.is_main) as tracker,
+        ):
+            net = load_sampling_model(path, s.weights, device)
+            check_against_model(s, net)
+            real = load_prepared(data, "train").images[:FORWARD_IMAGES] if dist.is_main else None
+            tmp = out.with_name(f".{out.name}.tmp")
+            try:
+                start = time.perf_counter()
+                render_shared(net, s, p.seed, tmp, dist, device)
+                rate = s.num_images / (time.perf_counter() - start)
+                if dist.is_main:
+                    extras = write_extras(net, s, p.seed, tmp, real, device)
+                    write_json(tmp / "manifest.json", manifest(net, s, p.seed, path))
+                    replace_dir(tmp, out)
+                    tracker.log_metrics({"sample_images_per_second": rate})
+                    for name in [*extras, "manifest.json"]:
+                        tracker.log_artifact(out / name, str(Path("samples", name).parent))
+                    typer.echo(
+                        f"{out}/images: {s.num_images} images ({s.sampler}, {s.steps} steps)"
+                    )
+            finally:
+                if dist.is_main:  # a failed run leaves no half folder behind
+                    shutil.rmtree(tmp, ignore_errors=True)
+            _barrier(dist)
+
+
+def render_shared(
+    net: SamplingModel,
+    s: SampleParams,
+    seed: int,
+    tmp: Path,
+    dist: Distributed,
+    device: torch.device,
+) -> None:
+    """All processes render their batches into a fresh ``tmp/images``; returns when all did."""
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "images").mkdir(parents=True)
+    _barrier(dist)
+    try:
+        render(net, s, seed, my_batches(s, dist), tmp / "images", device, progress=dist.is_main)
+    except NonFiniteSamplesError as exc:
+        raise CheckpointError(f"{s.weights} weights: {exc}") from exc
+    _barrier(dist)
+
+
+def check_against_model(s: SampleParams, net: SamplingModel) -> None:
+    """The sample params that need the checkpoint to check: steps, classes, guidance."""
+    cfg, timesteps = net.model.config, net.diffusion.num_timesteps
+    if s.steps > timesteps:
+        raise ParamsError(f"sample.steps={s.steps}: the model was trained with T={timesteps}")
+    if cfg.num_classes is None and s.guidance_scale != 1.0:
+        raise ParamsError(
+            f"sample.guidance_scale={s.guidance_scale} needs a class-conditional model; this "
+            "one is unconditional: set it to 1.0"
+        )
+    try:
+        image_labels([0], cfg.num_classes, s.classes)
+    except ValueError as exc:
+        raise ParamsError(f"sample.classes: {exc}") from exc
+
+
+def sampler_options(s: SampleParams) -> dict:
+    """The keyword arguments of the chosen sampler from the sample params."""
+    options = {
+        "steps": s.steps,
+        "spacing": s.spacing,
+        "clip_x0": s.clip_x0,
+        "guidance_scale": s.guidance_scale,
+    }
+    if s.sampler == "ddim":
+        options["eta"] = s.eta
+    if s.sampler == "ddpm":
+        options["variance"] = s.variance
+    return options
+
+
+def my_batches(s: SampleParams, dist: Distributed) -> list[range]:
+    """This process's share: batches k = rank, rank + world_size, ... of the whole set.
+
+    Batch k is always images [k B, (k + 1) B): an image is sampled with the same companions
+    whatever the number of processes, so even the network's float rounding, which can depend
+    on the batch's shape, is the same, and the images are bit-identical.
+    """
+    starts = range(dist.rank * s.batch_size, s.num_images, dist.world_size * s.batch_size)
+    return [range(i, min(i + s.batch_size, s.num_images)) for i in starts]
+
+
+def render(
+    net: SamplingModel,
+    s: SampleParams,
+    seed: int,
+    batches: Sequence[range],
+    folder: Path,
+    device: torch.device,
+    progress: bool = True,
+) -> None:
+    """Sample each batch of image indices and write image i as ``folder/<i:06d>.png``."""
+    num_classes = net.model.config.num_classes
+    total = sum(len(b) for b in batches)
+    with tqdm(total=total, unit="img", desc="sample", disable=not progress) as bar:
+        for batch in batches:
+            x = generate(
+                net.model,
+                net.diffusion,
+                batch,
+                seed,
+                sampler=s.sampler,
+                labels=image_labels(batch, num_classes, s.classes),
+                device=device,
+                **sampler_options(s),
+            )
+            for index, image in zip(batch, to_uint8(x), strict=True):
+                save_png(folder / f"{index:06d}.png", image)
+            bar.update(len(batch))
+
+
+def write_extras(
+    net: SamplingModel,
+    s: SampleParams,
+    seed: int,
+    folder: Path,
+    real: torch.Tensor,
+    device: torch.device,
+) -> list[str]:
+    """Grid, GIF, figures and interpolation into ``folder``; returns their relative paths.
+
+    Args:
+        real: uint8 (N, H, W, 3) training images for the forward-process figure.
+    """
+    names = ["grid.png", "denoising.gif", "figures/schedule.png", "figures/forward_process.png"]
+    first = read_pngs(folder / "images", range(min(s.grid_images, s.num_images)))
+    save_png(folder / names[0], grid(first))
+    atomic_write_bytes(folder / names[1], denoising_gif(net, s, seed, device))
+    steps = make_timesteps(net.diffusion.num_timesteps, s.steps, s.spacing)
+    save_png(folder / names[2], schedule_figure(net.diffusion, steps))
+    save_png(folder / names[3], forward_figure(net, real, seed))
+    if s.interpolation:
+        names.append("interpolation.png")
+        save_png(folder / names[-1], interpolation(net, s, seed, device))
+    return names
+
+
+def denoising_gif(net: SamplingModel, s: SampleParams, seed: int, device: torch.device) -> bytes:
+    """An animated GIF of x_t along the sampler for the first ``gif_images`` images."""
+    indices = list(range(min(s.gif_images, s.num_images)))
+    total = len(make_timesteps(net.diffusion.num_timesteps, s.steps, s.spacing))
+    keep = set(torch.linspace(0, total - 1, min(s.gif_frames, total)).round().long().tolist())
+    frames = []
+
+    def capture(step: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        if step in keep:
+            frames.append(_frame(to_uint8(x_t)))
+
+    generate(
+        net.model,
+        net.diffusion,
+        indices,
+        seed,
+        sampler=s.sampler,
+        labels=image_labels(indices, net.model.config.num_classes, s.classes),
+        device=device,
+        callback=capture,
+        **sampler_options(s),
+    )
+    buffer = io.BytesIO()
+    durations = [80] * (len(frames) - 1) + [1500]  # hold the final images
+    frames[0].save(
+        buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0
+    )
+    return buffer.getvalue()
+
+
+def interpolation(
+    net: SamplingModel, s: SampleParams, seed: int, device: torch.device
+) -> torch.Tensor:
+    """A row of images sampled from slerp(noise of image 0, noise of image 1, alpha)."""
+    cfg = net.model.config
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    a, b = (torch.randn(shape, generator=g) for g in image_generators(seed, [0, 1]))
+    x_T = slerp(a, b, torch.linspace(0, 1, s.interpolation_steps))
+    indices = [0] * s.interpolation_steps  # one seed: the stochastic samplers' noise is shared
+    x = generate(
+        net.model,
+        net.diffusion,
+        indices,
+        seed,
+        sampler=s.sampler,
+        labels=image_labels(indices, cfg.num_classes, s.classes),
+        x_T=x_T,
+        device=device,
+        **sampler_options(s),
+    )
+    return grid(to_uint8(x), nrow=s.interpolation_steps)
+
+
+def forward_figure(net: SamplingModel, real: torch.Tensor, seed: int) -> torch.Tensor:
+    """Training images, uint8 (N, H, W, 3), noised by q(x_t | x0) at a few t."""
+    last = net.diffusion.num_timesteps - 1
+    timesteps = sorted({round(f * last) for f in FORWARD_FRACTIONS})
+    x0 = to_float(real.permute(0, 3, 1, 2))
+    generator = torch.Generator().manual_seed(seed)
+    return forward_process_figure(net.diffusion, x0, timesteps, generator)
+
+
+def manifest(net: SamplingModel, s: SampleParams, seed: int, path: Path) -> dict:
+    """What the samples are: evaluate reports the sampler and steps from here."""
+    cfg = net.model.config
+    labels = image_labels(range(s.num_images), cfg.num_classes, s.classes)
+    return {
+        **s.model_dump(mode="json"),
+        "seed": seed,
+        "checkpoint": str(path),
+        "checkpoint_step": net.step,
+        "image_size": cfg.image_size,
+        "num_timesteps": net.diffusion.num_timesteps,
+        "class_names": net.class_names,
+        "labels": None if labels is None else labels.tolist(),
+    }
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``, moving an existing ``out`` aside first and removing it."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _barrier(dist: Distributed) -> None:
+    if dist.world_size > 1:
+        torch_dist.barrier()
+
+
+def read_pngs(folder: Path, indices: Sequence[int]) -> torch.Tensor:
+    """The images ``folder/<index>.png`` as uint8 (B, H, W, 3)."""
+    arrays = []
+    for i in indices:
+        with Image.open(folder / f"{i:06d}.png") as image:
+            arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    return torch.from_numpy(np.stack(arrays))
+
+
+def _frame(images: torch.Tensor, scale: int = 2) -> Image.Image:
+    canvas = Image.fromarray(grid(images).numpy())
+    return canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)

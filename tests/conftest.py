@@ -1,0 +1,98 @@
+"""Shared fixtures. Data-source fakes live in ``tests/archives.py`` (importable as ``archives``
+because pytest puts this folder on ``sys.path`` for its conftest)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from archives import ArchiveServer, make_cifar10_archive, make_tiny_imagenet_zip
+
+from ddpm.checkpoint import save_checkpoint
+from ddpm.config import DiffusionConfig, UNetConfig
+from ddpm.ema import EMA
+from ddpm.unet import UNet
+
+
+@pytest.fixture
+def cifar10_archive(tmp_path: Path) -> tuple[Path, str]:
+    """A small CIFAR-10 python archive in the real format (40 images a batch) and its md5."""
+    path = tmp_path / "mirror" / "cifar-10-python.tar.gz"
+    return path, make_cifar10_archive(path)
+
+
+@pytest.fixture
+def tiny_imagenet_archive(tmp_path: Path) -> tuple[Path, str]:
+    """A small Tiny ImageNet zip in the real layout (3 classes) and its md5."""
+    path = tmp_path / "mirror" / "tiny-imagenet-200.zip"
+    return path, make_tiny_imagenet_zip(path)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ArchiveServer]]:
+    """Start :class:`archives.ArchiveServer` instances; all are stopped after the test."""
+    servers: list[ArchiveServer] = []
+
+    def start(data: bytes, **options: object) -> ArchiveServer:
+        servers.append(ArchiveServer(data, **options).__enter__())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.__exit__()
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens: connecting is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A weights file of torch-fidelity's Inception architecture with random weights, built
+    without a download (metrics from it are NOT real FID/IS)."""
+    from pipeline.evaluate import write_untrained_inception_weights
+
+    root = tmp_path_factory.mktemp("inception")
+    return write_untrained_inception_weights(root / "inception-untrained.pth")
+
+
+@pytest.fixture
+def tiny_checkpoint() -> Callable[..., Path]:
+    """Save a tiny 16-pixel UNet (random, non-zero output) as ``models/ema.pt`` would be."""
+
+    def make(path: Path, num_classes: int | None = None, timesteps: int = 20, **extra) -> Path:
+        unet = UNetConfig(
+            image_size=16,
+            base_channels=16,
+            channel_mults=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(8,),
+            num_groups=8,
+            dropout=0.0,
+            num_classes=num_classes,
+        )
+        generator_state = torch.get_rng_state()
+        torch.manual_seed(0)
+        model = UNet(unet)
+        with torch.no_grad():  # zero-initialised output convs would hide the time and labels
+            for param in model.parameters():
+                param.add_(torch.randn_like(param), alpha=0.05)
+        torch.set_rng_state(generator_state)
+        config = {
+            "unet": unet.model_dump(mode="json"),
+            "diffusion": DiffusionConfig(timesteps=timesteps).model_dump(mode="json"),
+        }
+        payload = {"step": 7, "config": config, "ema": EMA(model).state_dict()}
+        payload["class_names"] = [f"c{i}" for i in range(num_classes or 0)]
+        save_checkpoint({**payload, **extra}, path)
+        return path
+
+    return make

@@ -1,0 +1,203 @@
+"""The evaluate stage through its CLI, with a locally built Inception weights file.
+
+Random Inception weights give no real FID, but the same maths: a set against itself scores ~0
+and a clearly different set more, which is what these tests check (besides the cache, the
+labels and the errors). Inception runs at ~0.1 s an image on a CPU, so the sets are small.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from ddpm.data.prepared import load_prepared
+from pipeline import evaluate
+from pipeline.cli import app
+
+runner = CliRunner()
+
+PARAMS = {
+    "dataset": "synthetic",
+    "image_size": 16,
+    "seed": 0,
+    "data": {"num_images": 16, "val_fraction": 0.25},  # train 12, val 4
+    "diffusion": {"timesteps": 20},
+    "sample": {"steps": 4, "num_images": 12, "batch_size": 12, "gif_images": 2},
+    "evaluate": {"kid_subset_size": 8, "kid_subsets": 10, "isc_splits": 2, "batch_size": 12},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prepared")
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    result = runner.invoke(
+        app, ["prepare", "--params", str(root / "params.yaml"), "--out-dir", str(root / "data")]
+    )
+    assert result.exit_code == 0, result.output
+    return root / "data"
+
+
+@pytest.fixture
+def project(tmp_path, prepared, inception_weights, monkeypatch) -> Path:
+    """Prepared data and params in the cwd; Inception weights from the environment."""
+    shutil.copytree(prepared, tmp_path / "data" / "prepared")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DDPM_FIDELITY_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(inception_weights))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached downloads
+    return tmp_path
+
+
+def write_samples(folder: Path, images: torch.Tensor) -> None:
+    """A samples folder as the sample stage writes it, from uint8 (N, H, W, 3) images."""
+    (folder / "images").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image.numpy()).save(folder / "images" / f"{i:06d}.png")
+    manifest = {"num_images": len(images), "sampler": "ddim", "steps": 4, "image_size": 16}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def run_evaluate(*args: str) -> str:
+    result = runner.invoke(app, ["evaluate", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_of_generated_samples_larger(
+    project, tiny_checkpoint, inception_weights
+):
+    reference = load_prepared(project / "data" / "prepared", "train").images
+    write_samples(project / "samples", reference)
+    output = run_evaluate()
+    assert "computing its features" in output
+    same = json.loads((project / "metrics" / "eval.json").read_text())
+    assert abs(same["fid"]) < 1e-3  # KID's subsets are drawn apart from each side: not 0
+    assert same["isc_mean"] > 0 and same["isc_std"] >= 0
+    assert same["num_images"] == 12 and same["reference_images"] == 12
+    assert (same["sampler"], same["steps"], same["reference_split"]) == ("ddim", 4, "train")
+    assert same["feature_extractor"] == "inception-v3-compat"
+    assert same["weights"] == str(inception_weights) and same["label"].startswith("NOT real")
+    cache = sorted((project / "data" / "fidelity_cache").iterdir())
+    assert cache and all("-train-local" in p.name for p in cache)
+    mtimes = [p.stat().st_mtime_ns for p in cache]
+
+    # The tiny random model's samples look nothing like the data; the reference is cached.
+    tiny_checkpoint(project / "models" / "ema.pt")
+    assert runner.invoke(app, ["sample"]).exit_code == 0
+    output = run_evaluate()
+    assert "reusing 3 cached files" in output
+    assert [p.stat().st_mtime_ns for p in cache] == mtimes
+    assert sorted((project / "data" / "fidelity_cache").iterdir()) == cache
+    other = json.loads((project / "metrics" / "eval.json").read_text())
+    assert other["fid"] > 100 * max(abs(same["fid"]), 1e-3) and other["fid"] > 1.0
+    assert other["kid_mean"] > 10 * abs(same["kid_mean"])
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    assert run.data.tags["stage.evaluate"] == "done" and run.data.tags["stage.sample"] == "done"
+    assert run.data.metrics["fid"] == pytest.approx(other["fid"])
+    assert run.data.metrics["eval_num_images"] == 12 and "isc_mean" in run.data.metrics
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "fid")] == [
+        pytest.approx(same["fid"]),
+        pytest.approx(other["fid"]),
+    ]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics", "samples"} <= logged
+
+
+def test_missing_weights_on_an_offline_machine_name_both_ways(project, monkeypatch, dead_url):
+    write_samples(project / "samples", load_prepared(Path("data/prepared")).images)
+    monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(project / "nowhere.pth"))
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "nowhere.pth: no such file (set by DDPM_INCEPTION_WEIGHTS or" in result.output
+
+    # Neither a file nor a download: the error names the env var, the param and the URL.
+    monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS")
+    url = dead_url.rsplit("/", 1)[0] + "/" + evaluate.INCEPTION.filename
+    monkeypatch.setattr(evaluate, "INCEPTION", evaluate.INCEPTION._replace(url=url))
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert f"could not be downloaded from {url}" in message
+    assert "DDPM_INCEPTION_WEIGHTS=/path/to/weights-inception-2015-12-05-6726825d.pth" in message
+    assert "evaluate.feature_extractor_weights" in message
+    assert not (project / "metrics").exists() and not (project / "data/fidelity_cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("evaluate_params", "samples", "message"),
+    [
+        ({"reference_split": "val"}, 12, "kid_subset_size=8 is more than the 12 samples or the 4"),
+        ({}, 1, "at least 2 images are needed on each side; got 1 samples"),
+        ({}, 0, "holds no samples (no manifest.json); run `pipeline sample`"),
+        ({"kid_subset_size": 30}, 12, "evaluate.kid_subset_size=30 is more than sample.num_im"),
+        ({"fid": False, "isc": False, "kid": False}, 12, "every evaluate metric is off"),
+    ],
+)
+def test_bad_inputs_are_refused_before_any_work(project, evaluate_params, samples, message):
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["evaluate"].update(evaluate_params)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    if samples:
+        write_samples(project / "samples", load_prepared(Path("data/prepared")).images[:samples])
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (project / "data" / "fidelity_cache").exists()
+
+
+def test_precision_recall_runs_vgg16_with_its_own_weights_and_cache_name(project, monkeypatch):
+    """The call torch-fidelity gets, without running VGG16 (a 528 MB network)."""
+    vgg = project / "vgg16-local.pth"
+    vgg.write_bytes(b"not read here")
+    monkeypatch.setenv("DDPM_VGG16_WEIGHTS", str(vgg))
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["evaluate"].update({"prc": True, "isc": False, "kid": False})
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    write_samples(project / "samples", load_prepared(Path("data/prepared")).images)
+    calls = []
+
+    def fake(**kwargs):
+        calls.append(kwargs)
+        if kwargs.get("prc"):
+            return {"precision": 0.5, "recall": 0.25, "f_score": 1 / 3}
+        return {"frechet_inception_distance": 12.5}
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", fake)
+    run_evaluate()
+    (inception, vgg16) = calls
+    assert inception["feature_extractor"] == "inception-v3-compat" and inception["fid"]
+    assert vgg16["feature_extractor"] == "vgg16" and vgg16["prc"]
+    assert vgg16["feature_extractor_weights_path"] == str(vgg)
+    assert inception["input2_cache_name"] != vgg16["input2_cache_name"]
+    dataset = inception["input2"]
+    assert dataset[0].dtype == torch.uint8 and dataset[0].shape == (3, 16, 16)
+    assert inception["input1"] == str(Path("samples/images")) and not inception["verbose"]
+    summary = json.loads(Path("metrics/eval.json").read_text())
+    assert summary["precision"] == 0.5 and summary["recall"] == 0.25 and summary["fid"] == 12.5
+    assert summary["feature_extractor"] == "inception-v3-compat+vgg16"
+    assert str(vgg) in summary["weights"] and str(vgg) in summary["label"]
+    assert np.isclose(summary["f_score"], 1 / 3)
