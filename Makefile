@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install repro test lint format bench clean
+.PHONY: install repro smoke ui test lint bench lock clean
 
 install: $(STAMP)
 
@@ -17,7 +17,17 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $@
 
 repro: $(STAMP)
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# The same dvc.yaml stages on synthetic data with a tiny UNet, offline, in .smoke/ (see
+# scripts/smoke.py); the user's own data, models and MLflow store are never touched.
+smoke: $(STAMP)
+	$(BIN)/python scripts/smoke.py
+
+# The MLflow UI over the local store (the smoke project's: make ui STORE=.smoke/mlflow.db).
+STORE ?= mlflow.db
+ui: $(STAMP)
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath $(STORE)) --host 127.0.0.1 --port 5000
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -34,7 +44,7 @@ bench: $(STAMP)
 # Regenerates the lock file from pyproject.toml (needs network and uv).
 lock:
 	$(PYTHON) -m pip install --quiet uv
-	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --extra bench --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --generate-hashes -o requirements.lock
 
 clean:

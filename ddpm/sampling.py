@@ -46,7 +46,7 @@ def load_sampling_model(
     """Rebuild the UNet and diffusion from a checkpoint's own config and load its weights.
 
     Args:
-        path: a checkpoint: ``models/ema.pt`` (EMA weights) or ``checkpoints/last.pt`` (both).
+        path: a checkpoint holding ``ema`` and/or ``model`` weights, e.g. ``models/ema.pt``.
         weights: ``ema`` (the checkpoint's ``ema`` entry, an :class:`~ddpm.ema.EMA` state) or
             ``raw`` (its ``model`` entry, the live weights).
 
@@ -61,7 +61,7 @@ def load_sampling_model(
     if key not in ckpt:
         raise CheckpointError(
             f"{path} holds no {weights} weights (no {key!r} entry; it has {sorted(ckpt)}); "
-            "EMA weights are in models/ema.pt, raw ones in models/checkpoints/last.pt"
+            "the train stage writes both into models/ema.pt; train again to get them"
         )
     try:
         unet_config, diffusion_config = configs_from_checkpoint(ckpt)

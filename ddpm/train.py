@@ -30,6 +30,7 @@ from ddpm.config import DiffusionConfig, TrainConfig, UNetConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.ema import EMA, EMAConfig
 from ddpm.samplers import ddim_sample
+from ddpm.sampling import to_uint8
 from ddpm.unet import UNet
 
 
@@ -159,7 +160,7 @@ def preview(
         generator=torch.Generator().manual_seed(0),
         device=device,
     )
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return to_uint8(x).cpu()
 
 
 class _State(NamedTuple):
@@ -212,8 +213,7 @@ def _resume(state: _State, path: Path, unet_config, diffusion_config, device) ->
         raise CheckpointError(
             f"{path} was trained with another model configuration:\n  "
             + "\n  ".join(diffs)
-            + "\nRestore those params, or start fresh (`pipeline train --fresh`, which "
-            "discards the old checkpoints)."
+            + "\nRestore those params, or train this configuration from scratch."
         )
     state.model.load_state_dict(ckpt["model"])
     state.ema.load_state_dict(ckpt["ema"])
@@ -237,6 +237,7 @@ def train(
     seed: int = 0,
     device: torch.device | str = "cpu",
     resume: bool = True,
+    resume_from: Path | None = None,
     hooks: Hooks | None = None,
     dist: Distributed | None = None,
     log_every: int = 50,
@@ -247,6 +248,7 @@ def train(
     Args:
         train_data, val_data: uint8 images (N, H, W, C) and labels, on any device.
         resume: continue from ``checkpoint_dir/last.pt`` when it exists.
+        resume_from: continue from this checkpoint instead; it must exist and match the model.
     Returns:
         the summary and the EMA model (on ``device``).
     """
@@ -267,10 +269,11 @@ def train(
 
     # 1. Resume, loudly, or say that this is a fresh start
     step, best = 0, math.inf
-    if resume and last.exists():
-        ckpt = _resume(state, last, unet_config, diffusion_config, device)
+    source = resume_from or (last if resume and last.exists() else None)
+    if source is not None:
+        ckpt = _resume(state, source, unet_config, diffusion_config, device)
         step, best = ckpt["step"], ckpt["best_val_loss"] or math.inf
-        say(f"resumed from {last} at step {step}")
+        say(f"resumed from {source} at step {step}")
     else:
         say(f"starting fresh: {'no checkpoint in ' + str(checkpoint_dir) if resume else '--fresh'}")
     resumed_from = step

@@ -19,7 +19,6 @@ Everything is written into a temporary sibling folder that replaces ``samples/``
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import CheckpointError
-from ddpm.data.prepared import load_prepared
+from ddpm.data.prepared import load_prepared, replace_dir
 from ddpm.figures import forward_process_figure, schedule_figure
 from ddpm.samplers import make_timesteps
 from ddpm.sampling import (
@@ -68,7 +67,7 @@ def sample_command(
         p = load_params(params)
         p.check_sampling()
         s = p.sample
-        path = models / ("ema.pt" if s.weights == "ema" else "checkpoints/last.pt")
+        path = models / "ema.pt"
         with (
             distributed(Machine()) as (dist, device),
             Tracker(p.model_dump(mode="json"), "sample", enabled=dist.is_main) as tracker,
@@ -290,15 +289,6 @@ def manifest(net: SamplingModel, s: SampleParams, seed: int, path: Path) -> dict
         "class_names": net.class_names,
         "labels": None if labels is None else labels.tolist(),
     }
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``, moving an existing ``out`` aside first and removing it."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _barrier(dist: Distributed) -> None:

@@ -1,25 +1,29 @@
 """``pipeline train``: train the UNet on the prepared split, tracked in MLflow.
 
-Outputs: ``models/checkpoints/`` (``last.pt``, ``best.pt``, the live loss curve and preview
-grids; DVC ``persist: true`` so a killed ``dvc repro`` resumes), ``models/ema.pt`` (the final
-EMA weights with their config), ``metrics/train.json`` and ``metrics/train_curve.tsv``.
+Outputs: ``models/checkpoints/<key>/`` (``last.pt``, ``best.pt``, the live loss curves and
+preview grids; DVC ``persist: true`` so a killed ``dvc repro`` resumes), ``models/ema.pt``
+(the final EMA weights with their config), ``metrics/train.json`` and the curves in
+``metrics/``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import torch
 import typer
 
-from ddpm.checkpoint import save_checkpoint
+from ddpm.checkpoint import load_checkpoint, save_checkpoint
+from ddpm.config import UNetConfig
 from ddpm.data.prepared import load_prepared
 from ddpm.train import Dataset, Hooks, train
 from pipeline.errors import stage_errors
 from pipeline.outputs import atomic_write_bytes, grid, save_png, write_json
 from pipeline.runtime import distributed
-from pipeline.settings import Machine, load_params
+from pipeline.settings import Machine, Params, load_params
 from pipeline.tracking import Tracker
 
 CURVES = {
@@ -58,6 +62,37 @@ class Curves:
         return out
 
 
+# Knobs that may change while a run resumes: how long, and how often to report. Any other
+# change (model, diffusion, lr, batch, EMA, seed, data) is another run, in another folder.
+RESUMABLE = {
+    "steps", "val_every", "val_timesteps", "val_images", "checkpoint_every", "sample_every",
+    "sample_images", "sample_steps", "compile", "early_stopping_patience",
+    "early_stopping_min_delta",
+}  # fmt: skip
+
+
+def run_key(p: Params, unet: UNetConfig, data_sha256: str) -> str:
+    """The checkpoint folder's name: a hash of everything that defines the training run.
+
+    A rerun of the same experiment (after a kill, or with more steps) finds its checkpoints
+    and resumes; ``dvc exp run -S schedule=cosine`` gets a fresh folder instead of a refusal.
+    """
+    identity = {
+        "unet": unet.model_dump(mode="json"),
+        "diffusion": p.diffusion_config().model_dump(mode="json"),
+        "ema": p.ema.model_dump(mode="json"),
+        "train": p.train.model_dump(mode="json", exclude=RESUMABLE),
+        "seed": p.seed,
+        "data": data_sha256,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def raw_weights(checkpoints: Path) -> dict[str, torch.Tensor]:
+    """The live (non-EMA) weights of the run's last checkpoint, for ``sample.weights: raw``."""
+    return load_checkpoint(checkpoints / "last.pt")["model"]
+
+
 def _last_step(checkpoints: Path) -> int:
     last = checkpoints / "last.pt"
     if not last.exists():
@@ -70,15 +105,26 @@ def train_command(
     data: Path = typer.Option(Path("data/prepared"), help="Prepared data folder."),
     models: Path = typer.Option(Path("models"), help="Where checkpoints and weights go."),
     metrics: Path = typer.Option(Path("metrics"), help="Where train.json and the curve go."),
-    fresh: bool = typer.Option(False, "--fresh", help="Discard old checkpoints, start over."),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="Discard this configuration's checkpoints and start over."
+    ),
+    resume_from: Path | None = typer.Option(
+        None, help="Resume from this checkpoint (it must match the model params)."
+    ),
 ) -> None:
-    """Train the UNet (resuming from models/checkpoints/last.pt when it exists)."""
+    """Train the UNet, resuming from this configuration's last checkpoint when there is one.
+
+    Checkpoints go to models/checkpoints/<key>/, where the key hashes the model, diffusion,
+    optimisation, EMA, seed and data: rerunning the same experiment resumes, changing one of
+    those starts a new run in its own folder.
+    """
     with stage_errors():
         p = load_params(params)
         train_split, val_split = load_prepared(data, "train"), load_prepared(data, "val")
         num_classes = train_split.manifest["num_classes"] if p.model.conditional else None
         unet_config = p.unet_config(num_classes)
-        checkpoints = models / "checkpoints"
+        key = run_key(p, unet_config, train_split.manifest["splits"]["train"]["images_sha256"])
+        checkpoints = models / "checkpoints" / key
         with distributed(Machine()) as (dist, device):
             if fresh and dist.is_main:
                 shutil.rmtree(checkpoints, ignore_errors=True)
@@ -102,6 +148,7 @@ def train_command(
                     Dataset(train_split.images, train_split.labels if num_classes else None),
                     Dataset(val_split.images, val_split.labels if num_classes else None),
                     checkpoint_dir=checkpoints,
+                    resume_from=resume_from,
                     seed=p.seed,
                     device=device,
                     resume=not fresh,
@@ -118,7 +165,8 @@ def train_command(
                             "unet": unet_config.model_dump(mode="json"),
                             "diffusion": p.diffusion_config().model_dump(mode="json"),
                         },
-                        "ema": ema.module.state_dict(),
+                        "ema": ema.state_dict(),
+                        "model": raw_weights(checkpoints),
                         "class_names": train_split.manifest["class_names"],
                     },
                     weights,
@@ -132,10 +180,13 @@ def train_command(
                     "effective_batch_size": p.train.batch_size * dist.world_size,
                     "stopped_early": result.stopped_early,
                     "resumed_from_step": result.resumed_from_step,
+                    "checkpoints": str(checkpoints),
                 }
                 write_json(metrics / "train.json", summary)
                 curve_files = curves.publish(metrics)
-                tracker.log_metrics({f"final_{k}": float(v) for k, v in summary.items()})
+                tracker.log_metrics(
+                    {f"final_{k}": float(v) for k, v in summary.items() if not isinstance(v, str)}
+                )
                 tracker.log_artifact(weights, "weights")
                 for path in curve_files:
                     tracker.log_artifact(path, "curves")

@@ -58,7 +58,7 @@ def write_prepared(out_dir: Path, data: Extracted) -> dict[str, Any]:
             np.save(tmp / f"{name}_images.npy", split.images, allow_pickle=False)
             np.save(tmp / f"{name}_labels.npy", split.labels, allow_pickle=False)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
@@ -127,7 +127,7 @@ def _split_entry(name: str, split: Split, num_classes: int) -> dict[str, Any]:
     }
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
+def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first, then removed."""
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     if out_dir.exists():

@@ -16,15 +16,6 @@ from ddpm.sampling import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def net(tmp_path, tiny_checkpoint):
     return load_sampling_model(tiny_checkpoint(tmp_path / "ema.pt"))

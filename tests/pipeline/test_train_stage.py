@@ -109,7 +109,9 @@ def test_train_writes_checkpoints_metrics_curves_and_an_mlflow_run(project):
     assert (project / "metrics" / "val_curve.tsv").read_text().splitlines()[1].startswith("4\t")
     weights = load_checkpoint(project / "models" / "ema.pt")
     assert weights["step"] == 8 and weights["config"]["unet"]["base_channels"] == 16
-    assert (project / "models" / "checkpoints" / "previews" / "step_0000008.png").stat().st_size
+    assert set(weights["ema"]) == {f"module.{k}" for k in weights["model"]} | {"num_updates"}
+    (run_dir,) = (project / "models" / "checkpoints").iterdir()
+    assert (run_dir / "previews" / "step_0000008.png").stat().st_size
     check_run(f"sqlite:///{project / 'mlflow.db'}", project)
 
     # Run again with more steps: it resumes, says so, and extends the same curve
@@ -118,7 +120,7 @@ def test_train_writes_checkpoints_metrics_curves_and_an_mlflow_run(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 0, result.output
-    assert "resumed from models/checkpoints/last.pt at step 8" in result.output
+    assert f"resumed from models/checkpoints/{run_dir.name}/last.pt at step 8" in result.output
     steps = [
         r.split("\t")[0] for r in (project / "metrics/train_curve.tsv").read_text().split("\n")
     ]
@@ -165,16 +167,22 @@ def test_an_unreachable_tracking_server_does_not_stop_training(project, monkeypa
     assert json.loads((project / "metrics" / "train.json").read_text())["steps"] == 8
 
 
-def test_a_changed_model_config_is_refused_with_a_clear_error(project):
+def test_a_changed_model_config_trains_anew_and_refuses_the_old_checkpoint(project):
     assert runner.invoke(app, ["train"]).exit_code == 0
+    (old,) = (project / "models" / "checkpoints").iterdir()
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"]["base_channels"] = 32
     (project / "params.yaml").write_text(yaml.safe_dump(params))
+    # As `dvc exp run -S model.base_channels=32` would: a new run in its own folder
     result = runner.invoke(app, ["train"])
+    assert result.exit_code == 0, result.output
+    assert "starting fresh" in result.output
+    assert len(list((project / "models" / "checkpoints").iterdir())) == 2
+    # Resuming the old checkpoint explicitly is refused, naming the difference
+    result = runner.invoke(app, ["train", "--resume-from", str(old / "last.pt")])
     assert result.exit_code == 1
     assert "unet.base_channels: checkpoint 16, params 32" in result.output
-    assert "--fresh" in result.output and "Traceback" not in result.output
-    assert runner.invoke(app, ["train", "--fresh"]).exit_code == 0
+    assert "Traceback" not in result.output
 
 
 def test_ddp_with_two_gloo_processes_trains_and_only_rank_zero_writes(project):
@@ -188,7 +196,8 @@ def test_ddp_with_two_gloo_processes_trains_and_only_rank_zero_writes(project):
     assert (done.stdout + done.stderr).count("starting fresh") == 1
     summary = json.loads((project / "metrics" / "train.json").read_text())
     assert summary["effective_batch_size"] == 8 and summary["steps"] == 8
-    ckpt = load_checkpoint(project / "models" / "checkpoints" / "last.pt")
+    (run_dir,) = (project / "models" / "checkpoints").iterdir()
+    ckpt = load_checkpoint(run_dir / "last.pt")
     assert ckpt["step"] == 8 and not any("module." in k for k in ckpt["model"])
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])

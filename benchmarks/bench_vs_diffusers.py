@@ -1,0 +1,582 @@
+"""Our UNet against diffusers' UNet2DModel at the DDPM CIFAR-10 configuration (35.7M parameters).
+
+Everything comes from one run, and the two networks are timed in alternation (the order flips
+every round), so that a shared machine's noise falls on both alike; every figure is a median.
+
+1. Training step (forward, MSE, backward, fused AdamW with the same settings) of both networks
+   at batch 8, 32x32, on the CPU: fp32, fp32 channels_last, bf16 autocast, and ours under
+   torch.compile. The ratio is ours / theirs (time; < 1 means ours is faster).
+2. Sampling with ``ddpm.samplers`` at batch 64: the time of one sampler step divided by the time
+   of a bare network forward (1.0 = no per-step overhead), measured over the first ``k`` steps of
+   DDPM-1000, DDIM-50 and DPM-Solver++-20 and extrapolated to the whole run; ``--full`` runs
+   the whole samplers instead (hours on a CPU; meant for a GPU).
+3. The data feed (``ddpm.train.draw_batch``: index, flip, scale a uint8 (4250, 3, 32, 32)
+   tensor) against the training step, in images per second.
+4. On CUDA: training at batch 128 under bf16 autocast, with and without torch.compile, peak
+   memory, and model FLOPs utilisation (forward FLOPs from ``torch.utils.flop_counter``,
+   training counted as 3x forward, over ``--peak-tflops``).
+
+The table is printed and written to ``benchmarks/RESULTS.md``::
+
+    python benchmarks/bench_vs_diffusers.py             # ~10 min on 2 CPU cores
+    python benchmarks/bench_vs_diffusers.py --quick     # ~5 min
+    python benchmarks/bench_vs_diffusers.py --full      # on a GPU: also the full samplers
+
+diffusers is a benchmark-only dependency (the ``bench`` extra); ``ddpm`` never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import functools
+import itertools
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm.config import UNetConfig
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.samplers import ddim_sample, ddpm_sample, dpm_solver_sample
+from ddpm.train import draw_batch
+from ddpm.unet import UNet
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+TARGET_RATIO = 0.9  # ours / theirs training-step time, fp32
+CARS_SHAPE = (4250, 3, 32, 32)  # the prepared CIFAR-10 cars tensor, uint8
+
+
+class Row(NamedTuple):
+    """One line of the results table."""
+
+    what: str
+    ours: str
+    theirs: str
+    ratio: str
+    note: str = ""
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--quick", action="store_true", help="fewer iterations (~5 min on 2 cores)")
+    add("--full", action="store_true", help="also run the full samplers (meant for a GPU)")
+    add("--warmup", type=int, default=None, help="untimed steps per model (default: 3, quick 2)")
+    add("--iters", type=int, default=None, help="timed steps per model (default: 12, quick 6)")
+    add("--sampler-steps", type=int, default=None, help="steps k timed per sampler (default 3)")
+    add("--sample-batch", type=int, default=64, help="sampling batch (default: 64)")
+    add("--no-compile", action="store_true", help="skip the torch.compile rows")
+    add("--gpu-only", action="store_true", help="on CUDA: skip the CPU training rows")
+    add("--gpu-batch", type=int, default=128, help="CUDA training batch (default: 128)")
+    add("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
+    add("--threads", type=int, default=None, help="torch.set_num_threads")
+    add("--results", type=Path, default=RESULTS, help=f"markdown output (default: {RESULTS})")
+    add("--no-write", action="store_true", help="print only; do not write --results")
+    args = parser.parse_args()
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    args.iters = args.iters if args.iters is not None else (6 if args.quick else 12)
+    args.sampler_steps = args.sampler_steps or (2 if args.quick else 3)
+    args.sampler_rounds = 1 if args.quick else 2
+    return args
+
+
+class DiffusersUNet(nn.Module):
+    """diffusers' ``UNet2DModel`` built to match a :class:`UNetConfig`, called as net(x, t)."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        try:
+            from diffusers import UNet2DModel
+        except ImportError as err:
+            raise SystemExit("diffusers is missing: pip install -e '.[bench]'") from err
+        assert config.num_heads == 1, "diffusers' default (head dim = channels) is one head"
+        attn = config.attention_resolutions
+        down = tuple("AttnDownBlock2D" if r in attn else "DownBlock2D" for r in config.resolutions)
+        self.net = UNet2DModel(
+            sample_size=config.image_size,
+            in_channels=config.in_channels,
+            out_channels=config.in_channels,
+            block_out_channels=tuple(config.base_channels * m for m in config.channel_mults),
+            layers_per_block=config.num_res_blocks,
+            down_block_types=down,
+            up_block_types=tuple(name.replace("Down", "Up") for name in reversed(down)),
+            norm_num_groups=config.num_groups,
+            dropout=config.dropout,
+            # DDPM's embedding: [sin, cos] with frequencies 10000^(-i / (half - 1)).
+            time_embedding_type="positional",
+            flip_sin_to_cos=False,
+            freq_shift=1,
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) -> (B, C, H, W)."""
+        return self.net(x, t, return_dict=False)[0]
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, the device's queue drained on both sides."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleave(
+    fns: dict[str, Callable[[], None]], warmup: int, iters: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of each fn, the fns called in turn (order flipped every round)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(iters):
+        for name in names if i % 2 == 0 else names[::-1]:
+            times[name].append(timed(fns[name], device))
+    return times
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def make_train_step(
+    model: nn.Module, batch: int, fmt: torch.memory_format, bf16: bool, device: torch.device
+) -> Callable[[], None]:
+    """A training step of ``model`` (already in ``fmt``) on fixed random data: forward, MSE
+    against eps, backward, fused AdamW (a fresh optimizer: state in the model's format)."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=True)
+    gen = torch.Generator(device).manual_seed(0)
+    shape = (batch, 3, 32, 32)
+    x_t = torch.randn(shape, generator=gen, device=device).contiguous(memory_format=fmt)
+    eps = torch.randn(shape, generator=gen, device=device)
+    t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
+
+    def step() -> None:
+        with autocast(device, bf16):
+            loss = F.mse_loss(model(x_t, t).float(), eps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def ms_and_rate(seconds: float, batch: int) -> str:
+    return f"{seconds * 1e3:.0f} ms ({batch / seconds:.1f} img/s)"
+
+
+def pair_row(what: str, times: dict[str, list[float]], batch: int, note: str = "") -> Row:
+    """Medians of ours and theirs, ratio of the medians; the median of the per-round ratios
+    (each pair measured back to back) is a second, noise-robust estimate."""
+    ours, theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
+    paired = statistics.median(a / b for a, b in zip(times["ours"], times["theirs"], strict=True))
+    note = f"paired {paired:.2f}; n={len(times['ours'])}" + (f"; {note}" if note else "")
+    return Row(
+        what, ms_and_rate(ours, batch), ms_and_rate(theirs, batch), f"{ours / theirs:.2f}", note
+    )
+
+
+def cpu_train_rows(
+    ours: nn.Module, theirs: nn.Module, args: argparse.Namespace, rates: dict[str, float]
+) -> list[Row]:
+    """Training steps at batch 8 on the CPU; ``rates`` gets our images/s of each row."""
+    device, batch, rows = torch.device("cpu"), 8, []
+    variants = [
+        ("train fp32", torch.contiguous_format, False),
+        ("train fp32 channels_last", torch.channels_last, False),
+        ("train bf16 autocast channels_last", torch.channels_last, True),
+    ]
+    for what, fmt, bf16 in variants:
+        steps = {}
+        for name, model in (("ours", ours), ("theirs", theirs)):
+            model.to(memory_format=fmt)
+            steps[name] = make_train_step(model, batch, fmt, bf16, device)
+        times = interleave(steps, args.warmup, args.iters, device)
+        rows.append(pair_row(f"{what}, batch {batch}", times, batch))
+        rates[what] = batch / statistics.median(times["ours"])
+        print(rows[-1], flush=True)
+    rows.append(compile_row(ours, theirs, args, device, batch, rates))
+    print(rows[-1], flush=True)
+    return rows
+
+
+def compile_row(
+    ours: nn.Module,
+    theirs: nn.Module,
+    args: argparse.Namespace,
+    device: torch.device,
+    batch: int,
+    rates: dict[str, float],
+) -> Row:
+    """Ours under torch.compile (fp32, channels_last) against diffusers in eager mode."""
+    what = f"train fp32 channels_last, ours torch.compile, batch {batch}"
+    if args.no_compile:
+        return Row(what, "skipped", "", "", "--no-compile")
+    fmt = torch.channels_last
+    ours.to(memory_format=fmt)
+    theirs.to(memory_format=fmt)
+    step = make_train_step(torch.compile(ours), batch, fmt, False, device)
+    try:
+        compile_s = timed(step, device)  # the first call compiles forward and backward
+    except Exception as err:  # a missing compiler, an inductor bug: report, do not abort
+        return Row(what, "skipped", "", "", f"{type(err).__name__}: {str(err)[:120]}")
+    steps = {"ours": step, "theirs": make_train_step(theirs, batch, fmt, False, device)}
+    times = interleave(steps, args.warmup, args.iters, device)
+    rates["train fp32 channels_last, compiled"] = batch / statistics.median(times["ours"])
+    return pair_row(what, times, batch, f"first call (compile) {compile_s:.0f} s")
+
+
+class _Stop(Exception):
+    """Raised by the step callback to end a sampler after k steps."""
+
+
+def sampler_step_times(
+    sample: Callable[..., torch.Tensor], k: int, device: torch.device
+) -> list[float]:
+    """Seconds of each of the first ``k`` steps of ``sample(callback=...)``."""
+    stamps = [time.perf_counter()]
+
+    def callback(i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        sync(device)
+        stamps.append(time.perf_counter())
+        if i + 1 >= k:
+            raise _Stop
+
+    with contextlib.suppress(_Stop):
+        sample(callback=callback)
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def samplers(model: nn.Module, batch: int, device: torch.device) -> dict[str, tuple[Callable, int]]:
+    """name -> (sampler bound to model, diffusion and shape; its number of network calls)."""
+    diffusion = GaussianDiffusion().to(device)
+    kw = {"generator": torch.Generator().manual_seed(0), "device": device}
+    shape = (batch, 3, 32, 32)
+    return {
+        "DDPM-1000": (functools.partial(ddpm_sample, model, diffusion, shape, **kw), 1000),
+        "DDIM-50": (functools.partial(ddim_sample, model, diffusion, shape, steps=50, **kw), 50),
+        "DPM-Solver++-20": (
+            functools.partial(dpm_solver_sample, model, diffusion, shape, steps=20, **kw),
+            20,
+        ),
+    }
+
+
+@torch.no_grad()
+def sampler_rows(model: nn.Module, args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """Per-step cost of each sampler over a bare forward, and the extrapolated totals."""
+    model.eval().to(memory_format=torch.contiguous_format)
+    batch, k = args.sample_batch, args.sampler_steps
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    t = torch.full((batch,), 500, device=device)
+    fns = {"forward": (lambda callback=None: model(x, t), 1)} | samplers(model, batch, device)
+    model(x, t)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(args.sampler_rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            if name == "forward":
+                times[name] += [timed(functools.partial(model, x, t), device) for _ in range(k)]
+            else:
+                times[name] += sampler_step_times(fns[name][0], k, device)
+    forward = statistics.median(times["forward"])
+    rows = [
+        Row(
+            f"sample: bare forward, batch {batch}",
+            ms_and_rate(forward, batch),
+            "",
+            "1.00",
+            f"n={len(times['forward'])}",
+        )
+    ]
+    totals = {}
+    for name in names[1:]:
+        step, calls = statistics.median(times[name]), fns[name][1]
+        totals[name] = step * calls
+        rows.append(
+            Row(
+                f"sample: {name} step / forward, batch {batch}",
+                f"{step * 1e3:.0f} ms/step",
+                "",
+                f"{step / forward:.2f}",
+                f"first {k} steps x {args.sampler_rounds} rounds; extrapolated {calls} steps: "
+                f"{totals[name]:.0f} s, {batch / totals[name]:.3f} img/s",
+            )
+        )
+    cost = totals["DDIM-50"] / totals["DDPM-1000"] * 20
+    rows.append(
+        Row(
+            "sample: DDIM-50 cost x 20 / DDPM-1000 cost",
+            "",
+            "",
+            f"{cost:.2f}",
+            "from the per-step medians; target 1.00 +/- 0.10",
+        )
+    )
+    if args.full:
+        rows += full_sampler_rows(fns, batch, device)
+    return rows
+
+
+def full_sampler_rows(fns: dict, batch: int, device: torch.device) -> list[Row]:
+    """The whole samplers, once each: images per second, and DDIM-50 x 20 / DDPM-1000."""
+    totals = {name: timed(fns[name][0], device) for name in fns if name != "forward"}
+    rows = [
+        Row(f"sample: {name} full, batch {batch}", f"{batch / s:.2f} img/s", "", "", f"{s:.1f} s")
+        for name, s in totals.items()
+    ]
+    cost = totals["DDIM-50"] / totals["DDPM-1000"] * 20
+    return [*rows, Row("sample: full DDIM-50 x 20 / DDPM-1000", "", "", f"{cost:.2f}", "")]
+
+
+def feed_row(batch: int, device: torch.device, train_rate: float, train_what: str) -> Row:
+    """draw_batch (index, flip, scale to [-1, 1]) from a cars-sized uint8 tensor, images/s."""
+    gen = torch.Generator(device).manual_seed(0)
+    images = torch.randint(0, 256, CARS_SHAPE, dtype=torch.uint8, generator=gen, device=device)
+    calls = 200
+
+    def feed() -> None:
+        for _ in range(calls):
+            draw_batch(images, None, batch, True, gen)
+
+    feed()
+    per_call = statistics.median(timed(feed, device) for _ in range(7)) / calls
+    rate = batch / per_call
+    return Row(
+        f"data feed, batch {batch} ({device.type})",
+        f"{rate:,.0f} img/s",
+        "",
+        f"{rate / train_rate:,.0f}x",
+        f"over our fastest training row ({train_what}: {train_rate:.1f} img/s); target >= 10x",
+    )
+
+
+def forward_flops(model: nn.Module, batch: int, device: torch.device) -> int:
+    """FLOPs of one forward at ``batch`` (torch.utils.flop_counter: matmuls, convs, SDPA)."""
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return counter.get_total_flops()
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """GiB: peak of a step above what was resident before it, and the process's total peak."""
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device)
+    step()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return (peak - resident) / 2**30, peak / 2**30
+
+
+def gpu_row(
+    what: str,
+    seconds: dict[str, float],
+    flops: dict[str, int],
+    mem: dict[str, tuple[float, float]],
+    args: argparse.Namespace,
+) -> Row:
+    """Images/s and MFU (3x forward FLOPs per image over the bf16 peak) of each network."""
+    batch, peak = args.gpu_batch, args.peak_tflops * 1e12
+    rate = {name: batch / s for name, s in seconds.items()}
+    mfu = {name: 3 * flops[name] * rate[name] / batch / peak for name in seconds}
+    cells = {name: f"{rate[name]:,.0f} img/s, MFU {mfu[name]:.1%}" for name in seconds}
+    memo = "; ".join(f"{n} step peak {a:.2f} GiB (total {b:.2f})" for n, (a, b) in mem.items())
+    ratio = f"{seconds['ours'] / seconds['theirs']:.2f}" if "theirs" in seconds else ""
+    return Row(what, cells["ours"], cells.get("theirs", ""), ratio, memo)
+
+
+def gpu_rows(config: UNetConfig, args: argparse.Namespace) -> list[Row]:
+    """Training at batch 128 under bf16 autocast on CUDA, eager (both) and compiled (ours)."""
+    device, fmt, batch = torch.device("cuda"), torch.channels_last, args.gpu_batch
+    models = {
+        "ours": UNet(config).to(device, memory_format=fmt),
+        "theirs": DiffusersUNet(config).to(device, memory_format=fmt),
+    }
+    flops = {name: forward_flops(m, batch, device) for name, m in models.items()}
+    steps = {name: make_train_step(m, batch, fmt, True, device) for name, m in models.items()}
+    times = interleave(steps, args.warmup, args.iters * 4, device)
+    seconds = {name: statistics.median(ts) for name, ts in times.items()}
+    mem = {name: peak_memory(step, device) for name, step in steps.items()}
+    rows = [gpu_row(f"GPU train bf16 eager, batch {batch}", seconds, flops, mem, args)]
+    best = seconds["ours"]
+    print(rows[-1], flush=True)
+    if not args.no_compile:
+        step = make_train_step(torch.compile(models["ours"]), batch, fmt, True, device)
+        compile_s = timed(step, device)
+        both = {"ours": step, "theirs": steps["theirs"]}
+        times = interleave(both, args.warmup, args.iters * 4, device)
+        seconds = {name: statistics.median(ts) for name, ts in times.items()}
+        row = gpu_row(
+            f"GPU train bf16, ours torch.compile, batch {batch}",
+            seconds,
+            flops,
+            {"ours": peak_memory(step, device)},
+            args,
+        )
+        rows.append(row._replace(note=f"{row.note}; compile {compile_s:.0f} s; theirs eager"))
+        best = min(best, seconds["ours"])
+        print(rows[-1], flush=True)
+    rows.append(feed_row(batch, device, batch / best, "GPU bf16"))
+    return rows
+
+
+def machine() -> str:
+    """CPU model, cores, threads, and the versions that matter, in one line."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
+        platform.processor() or "unknown CPU",
+    )
+    flags = [f for f in ("avx512_bf16", "amx_bf16") if f in cpuinfo]
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    try:
+        from diffusers import __version__ as diffusers_version
+    except ImportError:
+        diffusers_version = "missing"
+    return (
+        f"{model} ({', '.join(flags) or 'no bf16 flags'}), {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads; {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, diffusers {diffusers_version}"
+    )
+
+
+def interpretation(rows: list[Row], gpu: bool) -> list[str]:
+    """Plain sentences on the targets, read off the rows."""
+    lines = []
+    fp32 = [r for r in rows if r.what.startswith("train fp32") and r.ratio]
+    if fp32:
+        best = min(float(r.ratio) for r in fp32)
+        ratios = ", ".join(f"{r.what.split(', batch')[0]}: {r.ratio}" for r in fp32)
+        met = "met" if best <= TARGET_RATIO else "not met"
+        lines.append(
+            f"fp32 training step, ours/theirs time ({ratios}); target <= {TARGET_RATIO}"
+            f" {met} (best {best:.2f})."
+        )
+    steps = [r for r in rows if "step / forward" in r.what]
+    if steps:
+        per = ", ".join(f"{r.what.split(': ')[1].split(' step')[0]} {r.ratio}" for r in steps)
+        cost = next(r.ratio for r in rows if r.what.startswith("sample: DDIM-50 cost"))
+        ok = "within" if abs(float(cost) - 1) <= 0.1 else "outside"
+        lines.append(
+            f"Sampler step time / bare forward: {per}; DDIM-50 costs {cost} x 1/20 "
+            f"of DDPM-1000, {ok} the 10% target."
+        )
+    for row in rows:
+        if row.what.startswith("data feed"):
+            ok = "met" if float(row.ratio.rstrip("x").replace(",", "")) >= 10 else "not met"
+            lines.append(f"{row.what}: {row.ratio} a training step's images/s; >= 10x {ok}.")
+    if not gpu:
+        lines.append(
+            "No GPU was available in this session: the batch-128 bf16 rows (with and "
+            "without torch.compile, peak memory, MFU; target >= 5,000 img/s on one "
+            "H100) were not measured. On a CUDA machine the same command runs them."
+        )
+    return lines
+
+
+def markdown(rows: list[Row], command: str, notes: list[str]) -> str:
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = ["| measurement | ours | diffusers | ratio | note |", "|---|---|---|---|---|"]
+    table = [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(
+        [
+            "# Benchmark: our UNet vs diffusers' UNet2DModel",
+            "",
+            f"- command: `{command}`",
+            f"- machine: {machine()}",
+            f"- date: {when}",
+            "",
+            "Training ratios are ours / theirs in time per step (< 1: ours faster), medians of "
+            "steps alternated between the two networks; `paired` is the median of the per-round "
+            "ratios. Sampler ratios are one sampler step over one bare network forward "
+            "(1.00: no per-step overhead).",
+            "",
+            *header,
+            *table,
+            "",
+            "## Interpretation",
+            "",
+            *[f"- {line}" for line in notes],
+            "",
+        ]
+    )
+
+
+def print_table(rows: list[Row]) -> None:
+    widths = [max(len(getattr(r, f)) for r in rows) for f in Row._fields[:4]]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)]
+        print("  ".join(cells), " ", row.note)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    command = shlex.join(["python", *sys.argv])
+    print(machine(), flush=True)
+    torch.manual_seed(0)
+    config = UNetConfig()
+    ours, theirs = UNet(config), DiffusersUNet(config)
+    n_ours, n_theirs = num_parameters(ours), num_parameters(theirs)
+    gflops = [forward_flops(m, 1, torch.device("cpu")) / 1e9 for m in (ours, theirs)]
+    print(f"parameters: ours {n_ours:,}, diffusers {n_theirs:,}", flush=True)
+    assert n_ours == n_theirs, "the two networks must have the same parameter count"
+    rows = [
+        Row("parameters", f"{n_ours:,}", f"{n_theirs:,}", f"{n_ours / n_theirs:.2f}"),
+        Row(
+            "forward GFLOP / image",
+            f"{gflops[0]:.2f}",
+            f"{gflops[1]:.2f}",
+            f"{gflops[0] / gflops[1]:.2f}",
+            "torch.utils.flop_counter",
+        ),
+    ]
+    cuda = torch.cuda.is_available()
+    rates: dict[str, float] = {}
+    if not (cuda and args.gpu_only):
+        rows += cpu_train_rows(ours, theirs, args, rates)
+        what, rate = max(rates.items(), key=lambda item: item[1])
+        rows.append(feed_row(8, torch.device("cpu"), rate, what))
+    device = torch.device("cuda" if cuda else "cpu")
+    rows += sampler_rows(ours.to(device), args, device)
+    if cuda:
+        rows += gpu_rows(config, args)
+    print()
+    print_table(rows)
+    notes = interpretation(rows, cuda)
+    print("\n".join(notes))
+    if not args.no_write:
+        args.results.write_text(markdown(rows, command, notes))
+        print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()

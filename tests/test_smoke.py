@@ -1,0 +1,117 @@
+"""The smoke pipeline end to end: the real dvc.yaml stages, tiny and offline, read back.
+
+One smoke project is built per test session (scripts/smoke.py into a temporary folder) and
+every test reads its results: metrics, the MLflow run, a second experiment through
+``dvc exp run -S``, and ``dvc push`` / ``dvc pull`` through a local remote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True,
+        text=True, timeout=1200,
+    )  # fmt: skip
+    assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("smoke") / "project"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "smoke.py"), "--dest", str(dest)],
+        check=True, timeout=1200,
+    )  # fmt: skip
+    return dest
+
+
+def mlflow_runs(project: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddpm")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def test_smoke_pipeline_writes_finite_metrics(smoke):
+    train = json.loads((smoke / "metrics" / "train.json").read_text())
+    assert train["steps"] == 300 and math.isfinite(train["final_val_loss"])
+    assert train["final_val_loss"] < 0.5  # the untrained, zero-output net scores about 1.0
+    assert (smoke / "dvc.lock").is_file()
+    evaluation = json.loads((smoke / "metrics" / "eval.json").read_text())
+    for key in ("fid", "isc_mean", "isc_std", "kid_mean", "kid_std"):
+        assert math.isfinite(evaluation[key]), (key, evaluation)
+    assert evaluation["num_images"] == 200 and evaluation["sampler"] == "ddim"
+    assert "NOT real" in json.dumps(evaluation)  # untrained Inception weights are labelled
+    assert len(list((smoke / "samples" / "images").glob("*.png"))) == 200
+
+
+def test_smoke_pipeline_logs_one_mlflow_run_with_params_metrics_and_artifacts(smoke):
+    client, runs = mlflow_runs(smoke)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["dataset"] == "synthetic" and run.data.params["schedule"] == "linear"
+    assert run.data.metrics["final_steps"] == 300
+    assert math.isfinite(run.data.metrics["fid"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"weights", "previews", "curves"} <= artifacts, artifacts
+    assert run.data.tags["stage.train"] == run.data.tags["stage.evaluate"] == "done"
+
+
+def test_unchanged_pipeline_reruns_nothing(smoke):
+    out = dvc(smoke, "status").stdout
+    assert "Data and pipelines are up to date" in out, out
+
+
+def test_a_sampling_param_reruns_only_sample_and_evaluate(smoke):
+    done = dvc(smoke, "exp", "run", "-n", "ddim-10", "-S", "sample.steps=10")
+    assert "Running stage 'sample'" in done.stdout and "Running stage 'evaluate'" in done.stdout
+    assert "Running stage 'train'" not in done.stdout, done.stdout
+    assert json.loads((smoke / "metrics" / "eval.json").read_text())["steps"] == 10
+    _, runs = mlflow_runs(smoke)
+    run = {r.info.run_name: r for r in runs}["ddim-10"]
+    # DVC skipped train, yet the run opened by sample carries every param of the experiment
+    assert run.data.params["sample.steps"] == "10" and run.data.params["train.steps"] == "300"
+
+
+def test_dvc_exp_run_with_a_cosine_schedule_is_a_second_tracked_experiment(smoke):
+    done = dvc(smoke, "exp", "run", "-n", "cosine-smoke", "-S", "schedule=cosine")
+    assert "Running stage 'train'" in done.stdout and "Running stage 'prepare'" not in done.stdout
+    shown = json.loads(dvc(smoke, "exp", "show", "--json").stdout)
+    text = json.dumps(shown)
+    assert "cosine-smoke" in text
+    _, runs = mlflow_runs(smoke)
+    by_name = {r.info.run_name: r for r in runs}
+    assert by_name["cosine-smoke"].data.params["schedule"] == "cosine"
+    assert by_name["cosine-smoke"].data.tags["dvc_exp_name"] == "cosine-smoke"
+    assert by_name["cosine-smoke"].data.metrics["final_steps"] == 300
+    assert math.isfinite(by_name["cosine-smoke"].data.metrics["fid"])
+
+
+def test_outputs_round_trip_through_a_local_dvc_remote(smoke, tmp_path):
+    dvc(smoke, "remote", "add", "-f", "-d", "local", str(tmp_path / "remote"))
+    dvc(smoke, "push")
+    weights = (smoke / "models" / "ema.pt").read_bytes()
+    shutil.rmtree(smoke / ".dvc" / "cache")
+    (smoke / "models" / "ema.pt").unlink()
+    shutil.rmtree(smoke / "data" / "prepared")
+    dvc(smoke, "pull")
+    assert (smoke / "models" / "ema.pt").read_bytes() == weights
+    assert (smoke / "data" / "prepared" / "manifest.json").is_file()
