@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_unet.py
+	$(BIN)/python benchmarks/bench_vs_diffusers.py
 
 # Regenerates the lock file from pyproject.toml (needs network and uv).
 lock:

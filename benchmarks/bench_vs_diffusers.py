@@ -18,8 +18,8 @@ every round), so that a shared machine's noise falls on both alike; every figure
 
 The table is printed and written to ``benchmarks/RESULTS.md``::
 
-    python benchmarks/bench_vs_diffusers.py             # ~10 min on 2 CPU cores
-    python benchmarks/bench_vs_diffusers.py --quick     # ~5 min
+    python benchmarks/bench_vs_diffusers.py             # ~8 min on 2 idle CPU cores
+    python benchmarks/bench_vs_diffusers.py --quick     # ~4 min
     python benchmarks/bench_vs_diffusers.py --full      # on a GPU: also the full samplers
 
 diffusers is a benchmark-only dependency (the ``bench`` extra); ``ddpm`` never imports it.
@@ -71,7 +71,7 @@ class Row(NamedTuple):
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--quick", action="store_true", help="fewer iterations (~5 min on 2 cores)")
+    add("--quick", action="store_true", help="fewer iterations (~4 min on 2 cores)")
     add("--full", action="store_true", help="also run the full samplers (meant for a GPU)")
     add("--warmup", type=int, default=None, help="untimed steps per model (default: 3, quick 2)")
     add("--iters", type=int, default=None, help="timed steps per model (default: 12, quick 6)")
