@@ -18,6 +18,7 @@ import torch_fidelity
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from stages import prepare_split
 from typer.testing import CliRunner
 
 from ddpm.data.prepared import load_prepared
@@ -39,13 +40,7 @@ PARAMS = {
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prepared")
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    result = runner.invoke(
-        app, ["prepare", "--params", str(root / "params.yaml"), "--out-dir", str(root / "data")]
-    )
-    assert result.exit_code == 0, result.output
-    return root / "data"
+    return prepare_split(tmp_path_factory.mktemp("prepared"), PARAMS)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from stages import prepare_split
 from typer.testing import CliRunner
 
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
@@ -44,13 +45,7 @@ STEPS = {"ddpm": 20, "ddim": 4, "dpm-solver": 4}
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prepared")
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    result = runner.invoke(
-        app, ["prepare", "--params", str(root / "params.yaml"), "--out-dir", str(root / "data")]
-    )
-    assert result.exit_code == 0, result.output
-    return root / "data"
+    return prepare_split(tmp_path_factory.mktemp("prepared"), PARAMS)
 
 
 @pytest.fixture(scope="module")
