@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.config import UNetConfig
-from ddpm.layers import Attention, LinearAttention, ResBlock, SinusoidalEmbedding
+from ddpm.layers import (
+    Attention,
+    Dropout,
+    LinearAttention,
+    ResBlock,
+    SinusoidalEmbedding,
+    keep_mask,
+)
 from ddpm.unet import UNet
 
 # Two levels at 32 px, three at 64 px; attention at 16 px in both.
@@ -237,3 +244,44 @@ def test_attention_is_equivariant_to_permutations_of_the_pixels(cls):
     permuted_in = x.flatten(2)[..., perm].reshape_as(x)
     permuted_out = block(x).flatten(2)[..., perm].reshape_as(x)
     torch.testing.assert_close(block(permuted_in), permuted_out, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_drops_a_share_p_and_is_unbiased(p):
+    torch.manual_seed(0)
+    x = torch.full((4, 64, 32, 32), 2.0)
+    out = Dropout(p).train()(x)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5  # within 4 standard errors
+    assert out.mean().item() == pytest.approx(2.0, rel=0.01)
+    zero, kept = out.unique().tolist()
+    assert zero == 0.0 and kept == pytest.approx(2.0 / (1 - p), rel=1e-4)
+
+
+def test_cpu_dropout_mask_bits_are_uniform_in_every_lane():
+    # Each 64-bit word yields three 16-bit integers; a stuck or biased lane would show here as a
+    # drop share far from p among the elements that lane fills.
+    torch.manual_seed(0)
+    keep = keep_mask(torch.empty(300_000), 0.25).view(-1, 3)
+    for lane in range(3):
+        assert abs((~keep[:, lane]).float().mean().item() - 0.25) < 0.006
+
+
+def test_cpu_dropout_gradient_is_the_same_mask_and_scale():
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    torch.manual_seed(3)
+    out = Dropout(0.3).train()(x)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, out.detach() / x.detach())
+
+
+def test_cpu_dropout_keeps_channels_last_and_follows_the_global_seed():
+    x = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    drop = Dropout(0.2).train()
+    torch.manual_seed(5)
+    a = drop(x)
+    torch.manual_seed(5)
+    b = drop(x)
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(a, b)
+    assert torch.equal(drop.eval()(x), x)
