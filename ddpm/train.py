@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -225,6 +225,105 @@ def _resume(state: _State, path: Path, unet_config, diffusion_config, device) ->
     return ckpt
 
 
+@dataclass
+class _Best:
+    """The best validation loss so far, and early stopping on it."""
+
+    loss: float
+    config: TrainConfig
+    misses: int = 0  # validations in a row without an improvement
+
+    def update(self, val_loss: float) -> bool:
+        """Record a validation loss; True when it improves on the best by the minimum delta."""
+        improved = val_loss < self.loss - self.config.early_stopping_min_delta
+        self.misses = 0 if improved else self.misses + 1
+        if improved:
+            self.loss = val_loss
+        return improved
+
+    @property
+    def stop(self) -> bool:
+        patience = self.config.early_stopping_patience
+        return patience is not None and self.misses >= patience
+
+
+def _on_device(
+    train_data: Dataset,
+    val_data: Dataset,
+    unet_config: UNetConfig,
+    config: TrainConfig,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None, Dataset]:
+    """Training images uint8 (N, C, H, W) and labels, and the validation set, on the device."""
+    images = train_data.images.to(device).permute(0, 3, 1, 2).contiguous()
+    labels = None if train_data.labels is None else train_data.labels.to(device)
+    if unet_config.num_classes is not None and labels is None:
+        raise ValueError("model.num_classes is set but the data set has no labels")
+    n_val = min(config.val_images, val_data.images.shape[0])
+    val = Dataset(
+        val_data.images[:n_val].to(device).permute(0, 3, 1, 2).contiguous(),
+        None if val_data.labels is None else val_data.labels[:n_val].to(device),
+    )
+    return images, labels, val
+
+
+def _step(
+    state: _State,
+    net: nn.Module,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    config: TrainConfig,
+    rng: int,
+    amp: AbstractContextManager,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step, every random draw seeded by ``rng``: (loss, gradient norm) tensors."""
+    device = images.device
+    gen = torch.Generator(device).manual_seed(rng)
+    torch.manual_seed(rng)  # dropout draws from the global generator
+    x0, y = draw_batch(images, labels, config.batch_size, config.hflip, gen)
+    if state.model.null_class is not None and config.label_dropout > 0:  # conditional
+        drop = torch.rand(y.shape, device=device, generator=gen) < config.label_dropout
+        y = torch.where(drop, state.model.null_class, y)
+    t = diffusion.sample_timesteps(x0.shape[0], device, gen)
+    noise = torch.randn(x0.shape, device=device, generator=gen)
+    with amp:
+        loss = diffusion.training_losses(net, x0, t, noise, y).mean()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = config.grad_clip if config.grad_clip is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    return loss.detach(), grad_norm
+
+
+def _window_metrics(
+    window: list[torch.Tensor],
+    step: int,
+    last: Path,
+    state: _State,
+    grad_norm: torch.Tensor,
+    images_per_second: float,
+) -> dict[str, float]:
+    """The metrics of the steps since the last report; an error if any of their losses is not
+    finite (one device sync per window, not per step)."""
+    losses = torch.stack(window).float().cpu()
+    if not bool(torch.isfinite(losses).all()):
+        bad = step - len(window) + 1 + int((~torch.isfinite(losses)).nonzero()[0])
+        raise NonFiniteLossError(
+            f"non-finite loss at step {bad}; the last good checkpoint is {last}. "
+            "Lower the learning rate, enable grad_clip, or check the data."
+        )
+    return {
+        "loss": float(losses.mean()),
+        "lr": state.scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "images_per_second": images_per_second,
+        "ema_decay": state.ema.current_decay,
+    }
+
+
 def train(
     unet_config: UNetConfig,
     diffusion_config: DiffusionConfig,
@@ -268,27 +367,18 @@ def train(
     last, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
 
     # 1. Resume, loudly, or say that this is a fresh start
-    step, best = 0, math.inf
+    step, best_loss = 0, math.inf
     source = resume_from or (last if resume and last.exists() else None)
     if source is not None:
         ckpt = _resume(state, source, unet_config, diffusion_config, device)
-        step, best = ckpt["step"], ckpt["best_val_loss"] or math.inf
+        step, best_loss = ckpt["step"], ckpt["best_val_loss"] or math.inf
         say(f"resumed from {source} at step {step}")
     else:
         say(f"starting fresh: {'no checkpoint in ' + str(checkpoint_dir) if resume else '--fresh'}")
-    resumed_from = step
+    resumed_from, best = step, _Best(best_loss, train_config)
 
     # 2. Data on the device as (N, C, H, W) uint8; batches are drawn by index
-    images = train_data.images.to(device).permute(0, 3, 1, 2).contiguous()
-    labels = None if train_data.labels is None else train_data.labels.to(device)
-    n_val = min(train_config.val_images, val_data.images.shape[0])
-    val = Dataset(
-        val_data.images[:n_val].to(device).permute(0, 3, 1, 2).contiguous(),
-        None if val_data.labels is None else val_data.labels[:n_val].to(device),
-    )
-    conditional = unet_config.num_classes is not None
-    if conditional and labels is None:
-        raise ValueError("model.num_classes is set but the data set has no labels")
+    images, labels, val = _on_device(train_data, val_data, unet_config, train_config, device)
     net = dist.wrap(torch.compile(state.model) if train_config.compile else state.model)
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -297,10 +387,8 @@ def train(
     )
 
     # 3. The loop
-    val_loss, bad_validations, stopped_early = math.nan, 0, False
-    window_losses: list[torch.Tensor] = []
+    val_loss, window = math.nan, []
     t_start = t_window = time.perf_counter()
-    images_seen = 0
     bar = tqdm(
         total=train_config.steps,
         initial=step,
@@ -310,75 +398,40 @@ def train(
         dynamic_ncols=True,
     )
     while step < train_config.steps:
-        step_rng = step_seed(seed, dist.rank, step)
-        gen = torch.Generator(device).manual_seed(step_rng)
-        torch.manual_seed(step_rng)  # dropout draws from the global generator
-        x0, y = draw_batch(images, labels, train_config.batch_size, train_config.hflip, gen)
-        if conditional and train_config.label_dropout > 0:
-            drop = torch.rand(y.shape, device=device, generator=gen) < train_config.label_dropout
-            y = torch.where(drop, state.model.null_class, y)
-        t = diffusion.sample_timesteps(x0.shape[0], device, gen)
-        noise = torch.randn(x0.shape, device=device, generator=gen)
-        with amp:
-            loss = diffusion.training_losses(net, x0, t, noise, y).mean()
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = train_config.grad_clip if train_config.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
-        state.optimizer.step()
-        state.scheduler.step()
+        rng = step_seed(seed, dist.rank, step)
+        loss, grad_norm = _step(state, net, diffusion, images, labels, train_config, rng, amp)
         step += 1
         state.ema.update(state.model, step)
-        window_losses.append(loss.detach())
-        images_seen += x0.shape[0] * dist.world_size
+        window.append(loss)
         bar.update(1)
 
         validate = step % train_config.val_every == 0 or step == train_config.steps
         save = validate or step % train_config.checkpoint_every == 0
         if step % log_every == 0 or save:
             # 4. Check the window's losses before anything is written to disk
-            losses = torch.stack(window_losses).float().cpu()
-            if not bool(torch.isfinite(losses).all()):
-                bad = step - len(window_losses) + 1 + int((~torch.isfinite(losses)).nonzero()[0])
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {bad}; the last good checkpoint is {last}. "
-                    "Lower the learning rate, enable grad_clip, or check the data."
-                )
             now = time.perf_counter()
-            metrics = {
-                "loss": float(losses.mean()),
-                "lr": state.scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "images_per_second": images_seen / (now - t_window),
-                "ema_decay": state.ema.current_decay,
-            }
-            window_losses, images_seen, t_window = [], 0, now
+            seen = len(window) * train_config.batch_size * dist.world_size
+            metrics = _window_metrics(window, step, last, state, grad_norm, seen / (now - t_window))
+            window, t_window = [], now
             bar.set_postfix(
                 loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.0f}"
             )
             # 5. Validation at fixed timesteps and noise, on the EMA weights we sample from
             if validate:
-                val_loss = validation_loss(
+                val_loss = metrics["val_loss"] = validation_loss(
                     state.ema.module,
                     diffusion,
                     val,
                     train_config.val_timesteps,
                     train_config.batch_size,
                 )
-                metrics["val_loss"] = val_loss
-                improved = val_loss < best - train_config.early_stopping_min_delta
-                bad_validations = 0 if improved else bad_validations + 1
-                if improved:
-                    best = val_loss
-                    if dist.is_main:
-                        save_checkpoint(_payload(state, step, configs, best), best_path)
-                patience = train_config.early_stopping_patience
-                stopped_early = patience is not None and bad_validations >= patience
+                if best.update(val_loss) and dist.is_main:
+                    save_checkpoint(_payload(state, step, configs, best.loss), best_path)
             if dist.is_main and hooks.on_metrics:
                 hooks.on_metrics(step, metrics)
         # 6. Checkpoint and preview
         if save and dist.is_main:
-            save_checkpoint(_payload(state, step, configs, best), last)
+            save_checkpoint(_payload(state, step, configs, best.loss), last)
             if hooks.on_checkpoint:
                 hooks.on_checkpoint(step, last)
         if (
@@ -387,8 +440,8 @@ def train(
             and (step % train_config.sample_every == 0 or step == train_config.steps)
         ):
             hooks.on_samples(step, preview(state.ema, diffusion, train_config, device))
-        if stopped_early:  # only set on a validation step, whose checkpoint is written above
-            say(f"early stopping at step {step}: no improvement in {bad_validations} validations")
+        if best.stop:  # only set on a validation step, whose checkpoint is written above
+            say(f"early stopping at step {step}: no improvement in {best.misses} validations")
             break
     bar.close()
     if math.isnan(val_loss):  # nothing left to train: still report where the model stands
@@ -400,15 +453,15 @@ def train(
     trained = (step - resumed_from) * train_config.batch_size * dist.world_size
     result = TrainResult(
         step=step,
-        best_val_loss=best,
+        best_val_loss=best.loss,
         final_val_loss=val_loss,
         wall_time_s=wall,
         images_per_second=trained / wall if wall > 0 else 0.0,
-        stopped_early=stopped_early,
+        stopped_early=best.stop,
         resumed_from_step=resumed_from,
     )
     say(
         f"trained to step {step} ({step - resumed_from} this run) in {wall:.0f}s, "
-        f"{result.images_per_second:.0f} img/s; val loss {val_loss:.4f}, best {best:.4f}"
+        f"{result.images_per_second:.0f} img/s; val loss {val_loss:.4f}, best {best.loss:.4f}"
     )
     return result, state.ema

@@ -175,3 +175,29 @@ def test_batches_are_scaled_to_minus_one_one_and_flipped_half_the_time():
     x, _ = draw_batch(images, None, 100, False, torch.Generator().manual_seed(0))
     assert bool((x[:, :, :, 0] == -1).all())
     assert not math.isnan(flipped)
+
+
+def test_early_stopping_ends_the_run_after_patience_validations_without_improvement(tmp_path, data):
+    # A minimum improvement of 100 cannot be met after the first validation (best = inf).
+    config = short(val_every=3, early_stopping_patience=2, early_stopping_min_delta=100.0)
+    messages: list[str] = []
+    result, _ = run(tmp_path, data, config, hooks=Hooks(log=messages.append))
+    assert result.stopped_early and result.step == 9  # improved at 3; no better at 6 and 9
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 9
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 3
+    assert any("early stopping at step 9" in m for m in messages), messages
+    patient, _ = run(tmp_path / "patient", data, short(val_every=3, early_stopping_patience=3))
+    assert not patient.stopped_early and patient.step == 12
+
+
+def test_a_conditional_model_trains_on_labels_and_refuses_data_without_them(tmp_path):
+    split = make_synthetic(48, 16, seed=0)
+    images, labels = torch.from_numpy(split.images), torch.from_numpy(split.labels).long()
+    conditional = TINY.model_copy(update={"num_classes": 4})
+    labelled = (Dataset(images[:32], labels[:32]), Dataset(images[32:], labels[32:]))
+    result, ema = run(tmp_path, labelled, short(label_dropout=0.5), unet=conditional)
+    assert result.step == 12 and math.isfinite(result.final_val_loss)
+    assert ema.module.null_class == 4
+    unlabelled = (Dataset(images[:32]), Dataset(images[32:]))
+    with pytest.raises(ValueError, match="num_classes is set but the data set has no labels"):
+        run(tmp_path / "b", unlabelled, short(), unet=conditional)
