@@ -18,8 +18,9 @@ import typer
 
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.config import UNetConfig
-from ddpm.data.prepared import load_prepared
-from ddpm.train import Dataset, Hooks, train
+from ddpm.data.prepared import PreparedSplit, load_prepared
+from ddpm.ema import EMA
+from ddpm.train import Dataset, Hooks, TrainResult, train
 from pipeline.errors import stage_errors
 from pipeline.outputs import atomic_write_bytes, grid, save_png, write_json
 from pipeline.runtime import distributed
@@ -159,29 +160,10 @@ def train_command(
                     return
                 weights = models / "ema.pt"
                 save_checkpoint(
-                    {
-                        "step": result.step,
-                        "config": {
-                            "unet": unet_config.model_dump(mode="json"),
-                            "diffusion": p.diffusion_config().model_dump(mode="json"),
-                        },
-                        "ema": ema.state_dict(),
-                        "model": raw_weights(checkpoints),
-                        "class_names": train_split.manifest["class_names"],
-                    },
+                    _weights_payload(result.step, unet_config, p, ema, checkpoints, train_split),
                     weights,
                 )
-                summary = {
-                    "steps": result.step,
-                    "best_val_loss": result.best_val_loss,
-                    "final_val_loss": result.final_val_loss,
-                    "wall_time_s": round(result.wall_time_s, 2),
-                    "images_per_second": round(result.images_per_second, 2),
-                    "effective_batch_size": p.train.batch_size * dist.world_size,
-                    "stopped_early": result.stopped_early,
-                    "resumed_from_step": result.resumed_from_step,
-                    "checkpoints": str(checkpoints),
-                }
+                summary = _summary(result, p.train.batch_size * dist.world_size, checkpoints)
                 write_json(metrics / "train.json", summary)
                 curve_files = curves.publish(metrics)
                 tracker.log_metrics(
@@ -190,3 +172,39 @@ def train_command(
                 tracker.log_artifact(weights, "weights")
                 for path in curve_files:
                     tracker.log_artifact(path, "curves")
+
+
+def _weights_payload(
+    step: int,
+    unet_config: UNetConfig,
+    p: Params,
+    ema: EMA,
+    checkpoints: Path,
+    split: PreparedSplit,
+) -> dict:
+    """models/ema.pt: the EMA and raw weights with the configs that sampling needs."""
+    return {
+        "step": step,
+        "config": {
+            "unet": unet_config.model_dump(mode="json"),
+            "diffusion": p.diffusion_config().model_dump(mode="json"),
+        },
+        "ema": ema.state_dict(),
+        "model": raw_weights(checkpoints),
+        "class_names": split.manifest["class_names"],
+    }
+
+
+def _summary(result: TrainResult, effective_batch: int, checkpoints: Path) -> dict:
+    """metrics/train.json."""
+    return {
+        "steps": result.step,
+        "best_val_loss": result.best_val_loss,
+        "final_val_loss": result.final_val_loss,
+        "wall_time_s": round(result.wall_time_s, 2),
+        "images_per_second": round(result.images_per_second, 2),
+        "effective_batch_size": effective_batch,
+        "stopped_early": result.stopped_early,
+        "resumed_from_step": result.resumed_from_step,
+        "checkpoints": str(checkpoints),
+    }
