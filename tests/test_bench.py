@@ -1,0 +1,38 @@
+"""The benchmark script's arithmetic and its GPU section, which no lent GPU has run yet: a dry
+run on the CPU with a tiny UNet keeps it from rotting until one does. (No timings are checked:
+speed is the script's job, not the tests'.)"""
+
+import argparse
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm.config import UNetConfig
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_vs_diffusers.py"
+spec = importlib.util.spec_from_file_location("bench_vs_diffusers", SCRIPT)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_mfu_is_three_forward_flops_per_image_over_the_peak():
+    args = argparse.Namespace(gpu_batch=128, peak_tflops=1000.0)
+    # 128 images in 0.1 s = 1,280 img/s; 3 x 12.1 GFLOP each = 46.5 TFLOP/s of 1,000: 4.6%.
+    row = bench.gpu_row("x", {"ours": 0.1}, {"ours": int(12.1e9 * 128)}, {}, args)
+    assert row.ours == "1,280 img/s, MFU 4.6%"
+
+
+def test_the_gpu_rows_run_end_to_end_and_are_judged_against_the_target():
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    config = UNetConfig(base_channels=32, attention_resolutions=(16,), num_groups=8)
+    args = argparse.Namespace(gpu_batch=2, peak_tflops=989.0, warmup=1, iters=1, no_compile=True)
+    rows = bench.gpu_rows(config, args, torch.device("cpu"))
+    assert [r.what for r in rows] == ["GPU train bf16 eager, batch 2", "data feed, batch 2 (cpu)"]
+    assert "MFU" in rows[0].ours and "MFU" in rows[0].theirs and float(rows[0].ratio) > 0
+    assert math.isnan(bench.peak_memory(lambda: None, torch.device("cpu"))[0])
+    verdicts = bench.interpretation(rows, gpu=True)
+    assert any(v.startswith("GPU training: best") and "not met" in v for v in verdicts), verdicts
