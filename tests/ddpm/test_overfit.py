@@ -4,7 +4,7 @@ The model predicts x0 rather than the default eps. Trained for a few hundred ste
 tiny UNet generalises between the images instead of memorising them: its x0 estimate
 (x_t - sqrt(1 - abar) eps) / sqrt(abar) magnifies small eps errors at low SNR, and DDIM samples
 end up between images (measured: rms distances up to about 0.3 after 1,000 steps). Predicting x0
-memorises the images within 500 steps.
+memorises the images within a few hundred steps.
 
 The x0 loss cannot fall tenfold from the untrained model's, because at high noise no model can
 tell the images apart: its floor is the loss of the Bayes-optimal denoiser E[x0 | x_t], which
@@ -33,17 +33,16 @@ UNET = UNetConfig(
 )
 DIFFUSION = DiffusionConfig(timesteps=100, prediction="x0")
 TRAIN = TrainConfig(
-    steps=500,
+    steps=800,  # worst sample 0.055 from its image (the gap is 0.62); at 500, 0.18 to 0.30
     batch_size=32,
     lr=3e-3,
     warmup_steps=25,
     lr_schedule="cosine",
     hflip=False,  # memorise the four images themselves, not their mirror images too
-    val_every=500,
+    val_every=800,
     val_timesteps=20,
-    checkpoint_every=500,
+    checkpoint_every=800,
     sample_every=10_000,
-    channels_last=False,
 )
 
 
