@@ -63,14 +63,45 @@ GPU_TARGET = 5_000  # training images per second at batch 128, bf16, one H100
 CARS_SHAPE = (4250, 3, 32, 32)  # the prepared CIFAR-10 cars tensor, uint8
 
 
+class Figure(NamedTuple):
+    """One network's numbers in a row; the row's ``kind`` says which of them its cell shows."""
+
+    seconds: float = math.nan  # per call: a training step, a sampler step, a forward, a draw
+    images: int = 0  # per call, so that images / seconds is the rate
+    mfu: float = math.nan  # model FLOPs utilisation, a fraction of --peak-tflops
+    step_gib: float | None = None  # peak memory of a training step above what was resident
+    total_gib: float | None = None  # the process's peak memory
+    value: float = math.nan  # a plain number: parameters, GFLOP
+
+    @property
+    def rate(self) -> float:
+        """Images per second."""
+        return self.images / self.seconds
+
+
 class Row(NamedTuple):
-    """One line of the results table."""
+    """One line of the results table, in numbers; :func:`cells` turns it into text."""
 
     what: str
-    ours: str
-    theirs: str
-    ratio: str
+    kind: str  # a key of CELL, or "cost" / "skipped" (no figures)
+    ours: Figure | None = None
+    theirs: Figure | None = None
+    ratio: float | None = None
     note: str = ""
+    key: str = ""  # the short name the interpretation quotes: "train fp32", "DDIM-50"
+
+
+CELL: dict[str, Callable[[Figure], str]] = {
+    "count": lambda f: f"{f.value:,.0f}",
+    "gflop": lambda f: f"{f.value:.2f}",
+    "step": lambda f: f"{f.seconds * 1e3:.0f} ms ({f.rate:.1f} img/s)",
+    "sampler step": lambda f: f"{f.seconds * 1e3:.0f} ms/step",
+    "own work": lambda f: f"{f.seconds * 1e3:.2f} ms/step",
+    "feed": lambda f: f"{f.rate:,.0f} img/s",
+    "full": lambda f: f"{f.rate:.2f} img/s",
+    "gpu": lambda f: f"{f.rate:,.0f} img/s, MFU {f.mfu:.1%}",
+}
+RATIO = {"own work": "{:.4f}", "feed": "{:,.0f}x"}  # the rest: "{:.2f}"
 
 
 def parse_args() -> argparse.Namespace:
@@ -190,19 +221,14 @@ def make_train_step(
     return step
 
 
-def ms_and_rate(seconds: float, batch: int) -> str:
-    return f"{seconds * 1e3:.0f} ms ({batch / seconds:.1f} img/s)"
-
-
-def pair_row(what: str, times: dict[str, list[float]], batch: int, note: str = "") -> Row:
+def pair_row(key: str, times: dict[str, list[float]], batch: int, note: str = "") -> Row:
     """Medians of ours and theirs, ratio of the medians; the median of the per-round ratios
     (each pair measured back to back) is a second, noise-robust estimate."""
     ours, theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
     paired = statistics.median(a / b for a, b in zip(times["ours"], times["theirs"], strict=True))
     note = f"paired {paired:.2f}; n={len(times['ours'])}" + (f"; {note}" if note else "")
-    return Row(
-        what, ms_and_rate(ours, batch), ms_and_rate(theirs, batch), f"{ours / theirs:.2f}", note
-    )
+    what = f"{key}, batch {batch}"
+    return Row(what, "step", Figure(ours, batch), Figure(theirs, batch), ours / theirs, note, key)
 
 
 def cpu_train_rows(
@@ -221,11 +247,11 @@ def cpu_train_rows(
             model.to(memory_format=fmt)
             steps[name] = make_train_step(model, batch, fmt, bf16, device)
         times = interleave(steps, args.warmup, args.iters, device)
-        rows.append(pair_row(f"{what}, batch {batch}", times, batch))
+        rows.append(pair_row(what, times, batch))
         rates[what] = batch / statistics.median(times["ours"])
-        print(rows[-1], flush=True)
+        show(rows[-1])
     rows.append(compile_row(ours, theirs, args, device, batch, rates))
-    print(rows[-1], flush=True)
+    show(rows[-1])
     return rows
 
 
@@ -238,9 +264,10 @@ def compile_row(
     rates: dict[str, float],
 ) -> Row:
     """Ours under torch.compile (fp32, channels_last) against diffusers in eager mode."""
-    what = f"train fp32 channels_last, ours torch.compile, batch {batch}"
+    key = "train fp32 channels_last, ours torch.compile"
+    what = f"{key}, batch {batch}"
     if args.no_compile:
-        return Row(what, "skipped", "", "", "--no-compile")
+        return Row(what, "skipped", note="--no-compile", key=key)
     fmt = torch.channels_last
     ours.to(memory_format=fmt)
     theirs.to(memory_format=fmt)
@@ -248,11 +275,11 @@ def compile_row(
     try:
         compile_s = timed(step, device)  # the first call compiles forward and backward
     except Exception as err:  # a missing compiler, an inductor bug: report, do not abort
-        return Row(what, "skipped", "", "", f"{type(err).__name__}: {str(err)[:120]}")
+        return Row(what, "skipped", note=f"{type(err).__name__}: {str(err)[:120]}", key=key)
     steps = {"ours": step, "theirs": make_train_step(theirs, batch, fmt, False, device)}
     times = interleave(steps, args.warmup, args.iters, device)
     rates["train fp32 channels_last, compiled"] = batch / statistics.median(times["ours"])
-    return pair_row(what, times, batch, f"first call (compile) {compile_s:.0f} s")
+    return pair_row(key, times, batch, f"first call (compile) {compile_s:.0f} s")
 
 
 class _Stop(Exception):
@@ -324,70 +351,78 @@ def sampler_rows(model: nn.Module, args: argparse.Namespace, device: torch.devic
                 times[name] += [timed(functools.partial(model, x, t), device) for _ in range(k)]
             else:
                 times[name] += sampler_step_times(fns[name][0], k, device)
+    rows = sampler_step_rows(times, {name: calls for name, (_, calls) in fns.items()}, args, device)
+    if args.full:
+        rows += full_sampler_rows(fns, batch, device)
+    return rows
+
+
+def sampler_step_rows(
+    times: dict[str, list[float]],
+    calls: dict[str, int],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> list[Row]:
+    """The bare forward, each sampler's step over it, its own work, and DDIM-50 vs DDPM-1000."""
+    batch, k, rounds = args.sample_batch, args.sampler_steps, args.sampler_rounds
     forward = statistics.median(times["forward"])
+    note = f"n={len(times['forward'])}"
     rows = [
-        Row(
-            f"sample: bare forward, batch {batch}",
-            ms_and_rate(forward, batch),
-            "",
-            "1.00",
-            f"n={len(times['forward'])}",
-        )
+        Row(f"sample: bare forward, batch {batch}", "step", Figure(forward, batch), None, 1.0, note)
     ]
     totals = {}
-    for name in names[1:]:
-        step, calls = statistics.median(times[name]), fns[name][1]
-        totals[name] = step * calls
+    for name in [name for name in times if name != "forward"]:
+        step = statistics.median(times[name])
+        totals[name] = step * calls[name]
+        note = (
+            f"first {k} steps x {rounds} rounds; extrapolated {calls[name]} steps: "
+            f"{totals[name]:.0f} s, {batch / totals[name]:.3f} img/s"
+        )
+        what = f"sample: {name} step / forward, batch {batch}"
         rows.append(
-            Row(
-                f"sample: {name} step / forward, batch {batch}",
-                f"{step * 1e3:.0f} ms/step",
-                "",
-                f"{step / forward:.2f}",
-                f"first {k} steps x {args.sampler_rounds} rounds; extrapolated {calls} steps: "
-                f"{totals[name]:.0f} s, {batch / totals[name]:.3f} img/s",
-            )
+            Row(what, "sampler step", Figure(step, batch), None, step / forward, note, name)
         )
     noisy = totals["DDIM-50"] / totals["DDPM-1000"] * 20
+    return rows + own_work_rows(forward, noisy, batch, device)
+
+
+def own_work_rows(forward: float, noisy: float, batch: int, device: torch.device) -> list[Row]:
+    """Each sampler's own work per step, and the DDIM-50 vs DDPM-1000 cost ratio built on it
+    (``noisy``: the same ratio from the step medians)."""
     # The network call is the same in every sampler; what may differ is each sampler's own work
     # per step. Timed with a network that costs nothing, that work is measured exactly, and the
     # cost ratio (forward + own work) / (forward + own work) is free of the forward's noise.
     own = sampler_overheads(batch, device)
-    rows += [
+    note = "the sampler with a zero-cost network, median of 50 steps; ratio over a forward"
+    rows = [
         Row(
             f"sample: {name} own work / step, batch {batch}",
-            f"{s * 1e3:.2f} ms/step",
-            "",
-            f"{s / forward:.4f}",
-            "the sampler with a zero-cost network, median of 50 steps; ratio over a forward",
+            "own work",
+            Figure(s, batch),
+            None,
+            s / forward,
+            note,
+            name,
         )
         for name, s in own.items()
     ]
     cost = (forward + own["DDIM-50"]) / (forward + own["DDPM-1000"])
-    rows.append(
-        Row(
-            "sample: DDIM-50 cost x 20 / DDPM-1000 cost",
-            "",
-            "",
-            f"{cost:.2f}",
-            f"(forward + own work) per step; from the noisy step medians above: {noisy:.2f}; "
-            "target 1.00 +/- 0.10",
-        )
+    note = (
+        f"(forward + own work) per step; from the noisy step medians above: {noisy:.2f}; "
+        "target 1.00 +/- 0.10"
     )
-    if args.full:
-        rows += full_sampler_rows(fns, batch, device)
-    return rows
+    return [*rows, Row("sample: DDIM-50 cost x 20 / DDPM-1000 cost", "cost", ratio=cost, note=note)]
 
 
 def full_sampler_rows(fns: dict, batch: int, device: torch.device) -> list[Row]:
     """The whole samplers, once each: images per second, and DDIM-50 x 20 / DDPM-1000."""
     totals = {name: timed(fns[name][0], device) for name in fns if name != "forward"}
     rows = [
-        Row(f"sample: {name} full, batch {batch}", f"{batch / s:.2f} img/s", "", "", f"{s:.1f} s")
+        Row(f"sample: {name} full, batch {batch}", "full", Figure(s, batch), note=f"{s:.1f} s")
         for name, s in totals.items()
     ]
     cost = totals["DDIM-50"] / totals["DDPM-1000"] * 20
-    return [*rows, Row("sample: full DDIM-50 x 20 / DDPM-1000", "", "", f"{cost:.2f}", "")]
+    return [*rows, Row("sample: full DDIM-50 x 20 / DDPM-1000", "cost", ratio=cost)]
 
 
 def feed_row(batch: int, device: torch.device, train_rate: float, train_what: str) -> Row:
@@ -402,13 +437,12 @@ def feed_row(batch: int, device: torch.device, train_rate: float, train_what: st
 
     feed()
     per_call = statistics.median(timed(feed, device) for _ in range(7)) / calls
-    rate = batch / per_call
     return Row(
         f"data feed, batch {batch} ({device.type})",
-        f"{rate:,.0f} img/s",
-        "",
-        f"{rate / train_rate:,.0f}x",
-        f"over our fastest training row ({train_what}: {train_rate:.1f} img/s); target >= 10x",
+        "feed",
+        Figure(per_call, batch),
+        ratio=batch / per_call / train_rate,
+        note=f"over our fastest training row ({train_what}: {train_rate:.1f} img/s); target >= 10x",
     )
 
 
@@ -443,14 +477,15 @@ def gpu_row(
     mem: dict[str, tuple[float, float]],
     args: argparse.Namespace,
 ) -> Row:
-    """Images/s and MFU (3x forward FLOPs per image over the bf16 peak) of each network."""
+    """Images/s and MFU (3x forward FLOPs per image over the bf16 peak) of each network, and
+    the peak memory of those in ``mem``."""
     batch, peak = args.gpu_batch, args.peak_tflops * 1e12
-    rate = {name: batch / s for name, s in seconds.items()}
-    mfu = {name: 3 * flops[name] * rate[name] / batch / peak for name in seconds}
-    cells = {name: f"{rate[name]:,.0f} img/s, MFU {mfu[name]:.1%}" for name in seconds}
-    memo = "; ".join(f"{n} step peak {a:.2f} GiB (total {b:.2f})" for n, (a, b) in mem.items())
-    ratio = f"{seconds['ours'] / seconds['theirs']:.2f}" if "theirs" in seconds else ""
-    return Row(what, cells["ours"], cells.get("theirs", ""), ratio, memo)
+    figures = {
+        name: Figure(s, batch, 3 * flops[name] / s / peak, *mem.get(name, (None, None)))
+        for name, s in seconds.items()
+    }
+    ratio = seconds["ours"] / seconds["theirs"] if "theirs" in seconds else None
+    return Row(what, "gpu", figures["ours"], figures.get("theirs"), ratio)
 
 
 def gpu_rows(
@@ -472,7 +507,7 @@ def gpu_rows(
     mem = {name: peak_memory(step, device) for name, step in steps.items()}
     rows = [gpu_row(f"GPU train bf16 eager, batch {batch}", seconds, flops, mem, args)]
     best = seconds["ours"]
-    print(rows[-1], flush=True)
+    show(rows[-1])
     if not args.no_compile:
         step = make_train_step(torch.compile(models["ours"]), batch, fmt, True, device)
         compile_s = timed(step, device)
@@ -486,9 +521,9 @@ def gpu_rows(
             {"ours": peak_memory(step, device)},
             args,
         )
-        rows.append(row._replace(note=f"{row.note}; compile {compile_s:.0f} s; theirs eager"))
+        rows.append(row._replace(note=f"compile {compile_s:.0f} s; theirs eager"))
         best = min(best, seconds["ours"])
-        print(rows[-1], flush=True)
+        show(rows[-1])
     rows.append(feed_row(batch, device, batch / best, "GPU bf16"))
     return rows
 
@@ -513,45 +548,56 @@ def machine() -> str:
     )
 
 
+def training_verdict(rows: list[Row]) -> list[str]:
+    """The fp32 training ratios against TARGET_RATIO."""
+    fp32 = [r for r in rows if r.kind == "step" and r.key.startswith("train fp32")]
+    if not fp32:
+        return []
+    best = min(r.ratio for r in fp32)
+    ratios = ", ".join(f"{r.key}: {ratio_text(r)}" for r in fp32)
+    met = "met" if best <= TARGET_RATIO else "not met"
+    return [
+        f"fp32 training step, ours/theirs time ({ratios}); target <= {TARGET_RATIO}"
+        f" {met} (best {best:.2f})."
+    ]
+
+
+def sampler_verdict(rows: list[Row]) -> list[str]:
+    """Each sampler's step over a forward, its own work, and DDIM-50 vs DDPM-1000 cost."""
+    steps = [r for r in rows if r.kind == "sampler step"]
+    if not steps:
+        return []
+    per = ", ".join(f"{r.key} {ratio_text(r)}" for r in steps)
+    own = ", ".join(f"{r.key} {CELL[r.kind](r.ours)}" for r in rows if r.kind == "own work")
+    cost = next(r for r in rows if r.what.startswith("sample: DDIM-50 cost"))
+    ok = "within" if abs(cost.ratio - 1) <= 0.1 else "outside"
+    return [
+        f"Sampler step time / bare forward: {per}. Each sampler's own work per step: {own}. "
+        f"DDIM-50 costs {ratio_text(cost)} x 1/20 of DDPM-1000, {ok} the 10% target."
+    ]
+
+
+def gpu_verdict(rows: list[Row]) -> list[str]:
+    """The best GPU training rate against GPU_TARGET."""
+    rates = {r.what: r.ours.rate for r in rows if r.kind == "gpu"}
+    if not rates:
+        return []
+    what, best = max(rates.items(), key=lambda item: item[1])
+    met = "met" if best >= GPU_TARGET else "not met"
+    return [
+        f"GPU training: best {best:,.0f} img/s ({what}); target >= {GPU_TARGET:,} img/s on "
+        f"one H100 {met}."
+    ]
+
+
 def interpretation(rows: list[Row], gpu: bool) -> list[str]:
-    """Plain sentences on the targets, read off the rows."""
-    lines = []
-    fp32 = [r for r in rows if r.what.startswith("train fp32") and r.ratio]
-    if fp32:
-        best = min(float(r.ratio) for r in fp32)
-        ratios = ", ".join(f"{r.what.split(', batch')[0]}: {r.ratio}" for r in fp32)
-        met = "met" if best <= TARGET_RATIO else "not met"
-        lines.append(
-            f"fp32 training step, ours/theirs time ({ratios}); target <= {TARGET_RATIO}"
-            f" {met} (best {best:.2f})."
-        )
-    steps = [r for r in rows if "step / forward" in r.what]
-    if steps:
-        per = ", ".join(f"{r.what.split(': ')[1].split(' step')[0]} {r.ratio}" for r in steps)
-        own = ", ".join(
-            f"{r.what.split(': ')[1].split(' own')[0]} {r.ours}"
-            for r in rows
-            if "own work" in r.what
-        )
-        cost = next(r.ratio for r in rows if r.what.startswith("sample: DDIM-50 cost"))
-        ok = "within" if abs(float(cost) - 1) <= 0.1 else "outside"
-        lines.append(
-            f"Sampler step time / bare forward: {per}. Each sampler's own work per step: {own}. "
-            f"DDIM-50 costs {cost} x 1/20 of DDPM-1000, {ok} the 10% target."
-        )
+    """Plain sentences on the targets, read off the rows' numbers."""
+    lines = training_verdict(rows) + sampler_verdict(rows)
     for row in rows:
-        if row.what.startswith("data feed"):
-            ok = "met" if float(row.ratio.rstrip("x").replace(",", "")) >= 10 else "not met"
-            lines.append(f"{row.what}: {row.ratio} a training step's images/s; >= 10x {ok}.")
-    trained = [r for r in rows if r.what.startswith("GPU train")]
-    if trained:
-        rates = {r.what: float(r.ours.split(" img/s")[0].replace(",", "")) for r in trained}
-        what, best = max(rates.items(), key=lambda item: item[1])
-        met = "met" if best >= GPU_TARGET else "not met"
-        lines.append(
-            f"GPU training: best {best:,.0f} img/s ({what}); target >= {GPU_TARGET:,} img/s on "
-            f"one H100 {met}."
-        )
+        if row.kind == "feed":
+            ok = "met" if row.ratio >= 10 else "not met"
+            lines.append(f"{row.what}: {ratio_text(row)} a training step's images/s; >= 10x {ok}.")
+    lines += gpu_verdict(rows)
     if not gpu:
         lines.append(
             "No GPU was available in this session: the batch-128 bf16 rows (with and "
@@ -561,10 +607,37 @@ def interpretation(rows: list[Row], gpu: bool) -> list[str]:
     return lines
 
 
+def ratio_text(row: Row) -> str:
+    """The ratio column: two decimals, four for a sampler's own work, "12,391x" for the feed."""
+    return "" if row.ratio is None else RATIO.get(row.kind, "{:.2f}").format(row.ratio)
+
+
+def cells(row: Row) -> list[str]:
+    """The row as text: what, ours, diffusers, ratio, note. With CELL, RATIO and ratio_text,
+    the one place numbers become text: the printed rows, the printed table and RESULTS.md all
+    go through it, and the interpretation quotes its figures through CELL and ratio_text."""
+    figures = {"ours": row.ours, "theirs": row.theirs}
+    text = {name: "" if f is None else CELL[row.kind](f) for name, f in figures.items()}
+    if row.kind == "skipped":
+        text["ours"] = "skipped"
+    memory = [
+        f"{name} step peak {f.step_gib:.2f} GiB (total {f.total_gib:.2f})"
+        for name, f in figures.items()
+        if f is not None and f.step_gib is not None
+    ]
+    note = "; ".join([*memory, row.note] if row.note else memory)
+    return [row.what, text["ours"], text["theirs"], ratio_text(row), note]
+
+
+def show(row: Row) -> None:
+    """A row as soon as it is measured."""
+    print("  ".join(cell for cell in cells(row) if cell), flush=True)
+
+
 def markdown(rows: list[Row], command: str, notes: list[str]) -> str:
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = ["| measurement | ours | diffusers | ratio | note |", "|---|---|---|---|---|"]
-    table = [f"| {' | '.join(row)} |" for row in rows]
+    table = [f"| {' | '.join(cells(row))} |" for row in rows]
     return "\n".join(
         [
             "# Benchmark: our UNet vs diffusers' UNet2DModel",
@@ -590,10 +663,11 @@ def markdown(rows: list[Row], command: str, notes: list[str]) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    widths = [max(len(getattr(r, f)) for r in rows) for f in Row._fields[:4]]
-    for row in rows:
-        cells = [cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)]
-        print("  ".join(cells), " ", row.note)
+    texts = [cells(row) for row in rows]
+    widths = [max(len(text[i]) for text in texts) for i in range(4)]
+    for text in texts:
+        padded = [cell.ljust(w) for cell, w in zip(text[:4], widths, strict=True)]
+        print("  ".join(padded), " ", text[4])
 
 
 def main() -> None:
@@ -610,12 +684,13 @@ def main() -> None:
     print(f"parameters: ours {n_ours:,}, diffusers {n_theirs:,}", flush=True)
     assert n_ours == n_theirs, "the two networks must have the same parameter count"
     rows = [
-        Row("parameters", f"{n_ours:,}", f"{n_theirs:,}", f"{n_ours / n_theirs:.2f}"),
+        Row("parameters", "count", Figure(value=n_ours), Figure(value=n_theirs), n_ours / n_theirs),
         Row(
             "forward GFLOP / image",
-            f"{gflops[0]:.2f}",
-            f"{gflops[1]:.2f}",
-            f"{gflops[0] / gflops[1]:.2f}",
+            "gflop",
+            Figure(value=gflops[0]),
+            Figure(value=gflops[1]),
+            gflops[0] / gflops[1],
             "torch.utils.flop_counter",
         ),
     ]

@@ -22,7 +22,11 @@ def test_mfu_is_three_forward_flops_per_image_over_the_peak():
     args = argparse.Namespace(gpu_batch=128, peak_tflops=1000.0)
     # 128 images in 0.1 s = 1,280 img/s; 3 x 12.1 GFLOP each = 46.5 TFLOP/s of 1,000: 4.6%.
     row = bench.gpu_row("x", {"ours": 0.1}, {"ours": int(12.1e9 * 128)}, {}, args)
-    assert row.ours == "1,280 img/s, MFU 4.6%"
+    assert row.ours.rate == pytest.approx(1280)
+    assert row.ours.mfu == pytest.approx(3 * 12.1e9 * 1280 / 1e15)  # 0.0465
+    assert row.theirs is None and row.ratio is None and row.ours.step_gib is None
+    # The numbers become text in one place, at the end.
+    assert bench.cells(row) == ["x", "1,280 img/s, MFU 4.6%", "", "", ""]
 
 
 def test_the_gpu_rows_run_end_to_end_and_are_judged_against_the_target():
@@ -32,7 +36,13 @@ def test_the_gpu_rows_run_end_to_end_and_are_judged_against_the_target():
     args = argparse.Namespace(gpu_batch=2, peak_tflops=989.0, warmup=1, iters=1, no_compile=True)
     rows = bench.gpu_rows(config, args, torch.device("cpu"))
     assert [r.what for r in rows] == ["GPU train bf16 eager, batch 2", "data feed, batch 2 (cpu)"]
-    assert "MFU" in rows[0].ours and "MFU" in rows[0].theirs and float(rows[0].ratio) > 0
+    eager, feed = rows
+    for figure in (eager.ours, eager.theirs):
+        assert figure.seconds > 0 and figure.images == 2 and 0 < figure.mfu < 1
+        assert math.isnan(figure.step_gib) and math.isnan(figure.total_gib)  # no CUDA counters
+    assert eager.ratio == pytest.approx(eager.ours.seconds / eager.theirs.seconds)
+    assert feed.ratio == pytest.approx(feed.ours.rate / eager.ours.rate)
+    assert "MFU" in bench.cells(eager)[2] and "ours step peak nan GiB" in bench.cells(eager)[4]
     assert math.isnan(bench.peak_memory(lambda: None, torch.device("cpu"))[0])
     verdicts = bench.interpretation(rows, gpu=True)
     assert any(v.startswith("GPU training: best") and "not met" in v for v in verdicts), verdicts
