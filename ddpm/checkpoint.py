@@ -1,36 +1,65 @@
-"""Self-describing checkpoints: written atomically, loaded with ``weights_only=True``.
+"""The checkpoint format, in one place: written atomically, loaded with ``weights_only=True``.
 
-A checkpoint is a plain dict of tensors, numbers and strings::
+Both kinds of file are a plain dict of tensors, numbers and strings with a ``version`` and the
+configs the model was built from (:func:`configs_to_json`), so the model is always rebuilt
+from the file itself and sampling never re-specifies the architecture (the cause of many
+"samples are noise" reports).
 
-    {"version": 1, "step": int, "config": {"unet": {...}, "diffusion": {...}, "train": {...}},
-     "model": state_dict, "ema": state_dict, "optimizer": ..., "lr_scheduler": ...,
-     "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...]}, "best_val_loss": float | None}
+A training checkpoint (``last.pt``, ``best.pt``), written by :func:`training_checkpoint`::
 
-The model is always rebuilt from the config it carries, so sampling never re-specifies the
-architecture (the cause of many "samples are noise" reports).
+    {"version": 1, "step": int,
+     "config": {"unet": {...}, "diffusion": {...}, "train": {...}, "ema": {...}},
+     "model": state_dict, "ema": EMA state_dict, "optimizer": ..., "lr_scheduler": ...,
+     "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...] (when CUDA is there)},
+     "best_val_loss": float (inf before the first validation)}
+
+A weights file (``models/ema.pt``), written by :func:`weights_file`::
+
+    {"version": 1, "step": int, "config": {"unet": {...}, "diffusion": {...}},
+     "ema": EMA state_dict, "model": state_dict, "class_names": [str, ...]}
+
+An EMA state dict is the UNet's under ``module.`` plus ``num_updates``.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
+from pydantic import BaseModel, ValidationError
+from torch import nn
 
-from ddpm.config import DiffusionConfig, UNetConfig
+from ddpm.config import DiffusionConfig, EMAConfig, TrainConfig, UNetConfig
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import CheckpointError
+from ddpm.files import temporary_sibling
+from ddpm.unet import UNet
 
 CHECKPOINT_VERSION = 1
+Weights = Literal["ema", "raw"]
+_STATE_KEY = {"ema": "ema", "raw": "model"}
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, or from an incompatible configuration."""
+__all__ = [
+    "CheckpointError",
+    "SamplingModel",
+    "config_differences",
+    "configs_from_checkpoint",
+    "configs_to_json",
+    "load_checkpoint",
+    "load_sampling_model",
+    "restore_rng",
+    "save_checkpoint",
+    "training_checkpoint",
+    "weights_file",
+]
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     """Write ``payload`` to ``path`` via a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_sibling(path)
     with open(tmp, "wb") as f:
         torch.save({"version": CHECKPOINT_VERSION, **payload}, f)
         f.flush()
@@ -61,15 +90,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return ckpt
 
 
-def config_differences(ckpt: dict[str, Any], unet: UNetConfig, diffusion: DiffusionConfig):
-    """Fields whose value in the checkpoint differs from the given configs, as text lines."""
-    lines = []
-    for section, config in (("unet", unet), ("diffusion", diffusion)):
-        saved = ckpt["config"][section]
-        for key, value in config.model_dump(mode="json").items():
-            if saved.get(key) != value:
-                lines.append(f"{section}.{key}: checkpoint {saved.get(key)!r}, params {value!r}")
-    return lines
+def configs_to_json(
+    unet: UNetConfig,
+    diffusion: DiffusionConfig,
+    train: TrainConfig | None = None,
+    ema: EMAConfig | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The ``config`` entry of a checkpoint: each given config as plain JSON values."""
+    configs: dict[str, BaseModel | None] = {
+        "unet": unet, "diffusion": diffusion, "train": train, "ema": ema,
+    }  # fmt: skip
+    return {k: c.model_dump(mode="json") for k, c in configs.items() if c is not None}
 
 
 def configs_from_checkpoint(ckpt: dict[str, Any]) -> tuple[UNetConfig, DiffusionConfig]:
@@ -77,4 +108,124 @@ def configs_from_checkpoint(ckpt: dict[str, Any]) -> tuple[UNetConfig, Diffusion
     return (
         UNetConfig.model_validate(ckpt["config"]["unet"]),
         DiffusionConfig.model_validate(ckpt["config"]["diffusion"]),
+    )
+
+
+def config_differences(
+    ckpt: dict[str, Any], unet: UNetConfig, diffusion: DiffusionConfig
+) -> list[str]:
+    """Fields whose value in the checkpoint differs from the given configs, as text lines."""
+    lines = []
+    for section, config in configs_to_json(unet, diffusion).items():
+        saved = ckpt["config"][section]
+        for key, value in config.items():
+            if saved.get(key) != value:
+                lines.append(f"{section}.{key}: checkpoint {saved.get(key)!r}, params {value!r}")
+    return lines
+
+
+def training_checkpoint(
+    step: int,
+    configs: dict[str, dict[str, Any]],
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    best_val_loss: float,
+) -> dict[str, Any]:
+    """Everything an exact resume needs, including the global RNG states (dropout)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "step": step,
+        "config": configs,
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "rng": rng,
+        "best_val_loss": best_val_loss,
+    }
+
+
+def restore_rng(ckpt: dict[str, Any]) -> None:
+    """Set the global RNG states a training checkpoint saved."""
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+
+
+def weights_file(
+    step: int,
+    unet: UNetConfig,
+    diffusion: DiffusionConfig,
+    ema: nn.Module,
+    model: nn.Module,
+    class_names: list[str],
+) -> dict[str, Any]:
+    """The trained weights with the configs that sampling needs (``models/ema.pt``)."""
+    return {
+        "step": step,
+        "config": configs_to_json(unet, diffusion),
+        "ema": ema.state_dict(),
+        "model": model.state_dict(),
+        "class_names": list(class_names),
+    }
+
+
+class SamplingModel(NamedTuple):
+    """A network ready to sample from, with the diffusion it was trained with."""
+
+    model: UNet
+    diffusion: GaussianDiffusion
+    class_names: list[str] | None
+    step: int
+
+
+def load_sampling_model(
+    path: Path, weights: Weights = "ema", device: torch.device | str = "cpu"
+) -> SamplingModel:
+    """Rebuild the UNet and diffusion from a checkpoint's own config and load its weights.
+
+    Args:
+        path: a checkpoint holding ``ema`` and/or ``model`` weights, e.g. ``models/ema.pt``.
+        weights: ``ema`` (the checkpoint's ``ema`` entry, an :class:`~ddpm.ema.EMA` state) or
+            ``raw`` (its ``model`` entry, the live weights).
+
+    Raises:
+        CheckpointError: missing or unreadable file, no such weights in it, a config this code
+            cannot build, or weights that do not fit the config.
+    """
+    if weights not in _STATE_KEY:
+        raise ValueError(f"unknown weights {weights!r}; choose 'ema' or 'raw'")
+    ckpt = load_checkpoint(Path(path), map_location="cpu")
+    key = _STATE_KEY[weights]
+    if key not in ckpt:
+        raise CheckpointError(
+            f"{path} holds no {weights} weights (no {key!r} entry; it has {sorted(ckpt)}); "
+            "the train stage writes both into models/ema.pt; train again to get them"
+        )
+    try:
+        unet_config, diffusion_config = configs_from_checkpoint(ckpt)
+    except (KeyError, TypeError, ValidationError) as exc:
+        raise CheckpointError(
+            f"{path}: its model config cannot be rebuilt by this code ({exc}); retrain it"
+        ) from exc
+    state = ckpt[key]
+    if weights == "ema":  # EMA state: the UNet as ``module.*`` plus an update counter
+        state = {k.removeprefix("module."): v for k, v in state.items() if k != "num_updates"}
+    model = UNet(unet_config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: its {weights} weights do not fit the config it carries; it is not from "
+            f"this code or was edited:\n{str(exc).splitlines()[0]}"
+        ) from exc
+    return SamplingModel(
+        model.to(device).eval().requires_grad_(False),
+        GaussianDiffusion(diffusion_config).to(device),
+        ckpt.get("class_names"),
+        int(ckpt.get("step", 0)),
     )

@@ -59,12 +59,6 @@ def posterior_coefficients(abar_t: torch.Tensor, abar_prev: torch.Tensor) -> Pos
     )
 
 
-class MeanVariance(NamedTuple):
-    mean: torch.Tensor
-    variance: torch.Tensor
-    log_variance_clipped: torch.Tensor
-
-
 class GaussianDiffusion(nn.Module):
     """Forward process, posterior, parameterisation conversions and the training loss.
 
@@ -76,23 +70,13 @@ class GaussianDiffusion(nn.Module):
         self.config = config or DiffusionConfig()
         betas = make_betas(self.config.schedule, self.config.timesteps)  # float64 (T,)
         abar = torch.cumprod(1 - betas, dim=0)
-        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-        post = posterior_coefficients(abar, abar_prev)
-        # The posterior variance is 0 at t = 0; its log is clipped to the next value
-        # (improved-diffusion), since the model never adds noise at that step anyway.
-        log_var = torch.log(torch.cat([post.variance[1:2], post.variance[1:]]))
         self.alphas_cumprod64 = abar  # a CPU float64 copy for the samplers' scalar lookups
         tables = {
             "betas": betas,
             "alphas_cumprod": abar,
-            "alphas_cumprod_prev": abar_prev,
             "sqrt_alphas_cumprod": abar.sqrt(),
             "sqrt_one_minus_alphas_cumprod": (1 - abar).sqrt(),
             "snr": abar / (1 - abar),
-            "posterior_coef_x0": post.coef_x0,
-            "posterior_coef_xt": post.coef_xt,
-            "posterior_variance": post.variance,
-            "posterior_log_variance_clipped": log_var,
         }
         for name, table in tables.items():
             self.register_buffer(name, table.float(), persistent=False)
@@ -101,28 +85,13 @@ class GaussianDiffusion(nn.Module):
     def num_timesteps(self) -> int:
         return self.config.timesteps
 
-    # Forward process and posterior
+    # Forward process
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I) (Ho et al. eq. 4)."""
         assert x0.shape == noise.shape, (x0.shape, noise.shape)
         return (
             extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
-        )
-
-    def q_posterior_mean_variance(
-        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> MeanVariance:
-        """Mean and variance of q(x_{t-1} | x_t, x0) (Ho et al. eq. 6-7)."""
-        assert x0.shape == x_t.shape
-        mean = (
-            extract(self.posterior_coef_x0, t, x_t.shape) * x0
-            + extract(self.posterior_coef_xt, t, x_t.shape) * x_t
-        )
-        return MeanVariance(
-            mean,
-            extract(self.posterior_variance, t, x_t.shape),
-            extract(self.posterior_log_variance_clipped, t, x_t.shape),
         )
 
     # Conversions between parameterisations

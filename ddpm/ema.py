@@ -10,18 +10,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-
-class EMAConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    decay: float = Field(0.9999, ge=0.0, lt=1.0, description="Final EMA decay.")
-    warmup: bool = Field(
-        True, description="Ramp the decay up as min(decay, (1 + n) / (10 + n)) over updates n."
-    )
-    update_every: int = Field(1, ge=1, description="Update the average every k training steps.")
+from ddpm.config import EMAConfig
 
 
 def ema_decay(num_updates: int, decay: float, warmup: bool = True) -> float:

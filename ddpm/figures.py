@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.pixels import to_uint8
 
 _FONT_SIZE = 13
 _PANEL = (320, 230)  # width, height of one plot panel
@@ -112,8 +113,8 @@ def forward_process_figure(
     columns = [x0]
     for t in timesteps:
         columns.append(diffusion.q_sample(x0, torch.full((n,), int(t), device=device), noise))
-    cells = torch.stack(columns, dim=1).clamp(-1, 1).add(1).mul(127.5).round()
-    cells = cells.to(torch.uint8).permute(0, 1, 3, 4, 2).cpu()  # (N, K + 1, H, W, C)
+    stacked = torch.stack(columns, dim=1)  # (N, K + 1, C, H, W)
+    cells = to_uint8(stacked.flatten(0, 1)).unflatten(0, stacked.shape[:2])  # (N, K + 1, H, W, C)
     labels = ["x0", *(f"t={int(t)}" for t in timesteps)]
     cell_w, cell_h, header = w * scale, h * scale, _FONT_SIZE + 8
     size = (len(labels) * (cell_w + pad) + pad, header + n * (cell_h + pad) + pad)

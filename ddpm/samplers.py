@@ -5,48 +5,61 @@ eps with the network (with classifier-free guidance when labels and a scale are 
 applies its update rule. Noise comes from ``generator`` (a CPU generator gives the same images
 on every device), so a sampler is deterministic for a given generator state. ``generator`` may
 also be a list with one generator per image: each image's noise then comes from its own
-generator, so an image does not depend on the batch it is sampled in (``ddpm.sampling`` seeds
+generator, so an image does not depend on the batch it is sampled in (``ddpm.generation`` seeds
 one per image index). ``x_T`` replaces the initial noise (interpolations between noises).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ddpm.config import SamplerConfig, Spacing, Variance
 from ddpm.diffusion import GaussianDiffusion, posterior_coefficients
+from ddpm.progress import Progress
 
-Spacing = Literal["leading", "linspace", "trailing"]
-Variance = Literal["posterior", "beta"]
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 """Called after each step as ``callback(step_index, t, x_t, x0_pred)``."""
 Generators = torch.Generator | Sequence[torch.Generator] | None
 """One generator for the batch, one per image (row), or None for the global generator."""
 
 
+def _leading(num_timesteps: int, steps: int) -> np.ndarray:
+    """0, k, 2k, .. with k = T // steps (DDIM paper); never reaches T-1."""
+    return np.arange(steps) * (num_timesteps // steps)
+
+
+def _linspace(num_timesteps: int, steps: int) -> np.ndarray:
+    """round(linspace(0, T-1, steps)): both ends of the chain."""
+    return np.linspace(0, num_timesteps - 1, steps).round()
+
+
+def _trailing(num_timesteps: int, steps: int) -> np.ndarray:
+    """round(arange(T, 0, -T/steps)) - 1 (Lin et al. 2023, table 2): always starts at T-1."""
+    return np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)) - 1
+
+
+SPACINGS: dict[str, Callable[[int, int], np.ndarray]] = {
+    "leading": _leading,
+    "linspace": _linspace,
+    "trailing": _trailing,
+}
+
+
 def make_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "trailing") -> torch.Tensor:
     """The timesteps a sampler visits, in decreasing order. Shape (steps,), int64.
 
-    ``leading`` (DDIM paper): 0, k, 2k, .. with k = T // steps, never reaching T-1;
-    ``linspace``: round(linspace(0, T-1, steps)); ``trailing`` (Lin et al. 2023, table 2):
-    round(arange(T, 0, -T/steps)) - 1, which always starts at T-1.
+    ``spacing`` names a rule of :data:`SPACINGS`.
     """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be between 1 and T={num_timesteps}; got {steps}")
-    if spacing == "leading":
-        ts = np.arange(steps) * (num_timesteps // steps)
-    elif spacing == "linspace":
-        ts = np.linspace(0, num_timesteps - 1, steps).round()
-    elif spacing == "trailing":
-        ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)) - 1
-    else:
-        raise ValueError(f"unknown spacing {spacing!r}; choose leading, linspace or trailing")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {sorted(SPACINGS)}")
+    ts = SPACINGS[spacing](num_timesteps, steps)
     ts = np.unique(ts.astype(np.int64))[::-1].copy()
     assert len(ts) == steps and ts[0] < num_timesteps and ts[-1] >= 0, ts
     return torch.from_numpy(ts)
@@ -166,9 +179,13 @@ def ddim_step(
     return x_prev
 
 
-def _pairs(timesteps: torch.Tensor) -> list[tuple[int, int]]:
+def _pairs(timesteps: torch.Tensor, progress: bool, desc: str) -> Iterator[tuple[int, int]]:
+    """(t, t_prev) along the timesteps, t_prev = -1 after the last; progress when asked."""
     ts = timesteps.tolist()
-    return list(zip(ts, [*ts[1:], -1], strict=True))
+    with Progress(len(ts), desc, "step", enabled=progress) as bar:
+        for pair in zip(ts, [*ts[1:], -1], strict=True):
+            yield pair
+            bar.update()
 
 
 def ddpm_sample(
@@ -191,7 +208,7 @@ def ddpm_sample(
     """Ancestral sampling over all T steps (or ``steps`` respaced ones). Returns x0 (B, C, H, W)."""
     timesteps = make_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing)
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
-    for i, (t, t_prev) in enumerate(tqdm(_pairs(timesteps), disable=not progress, desc="ddpm")):
+    for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "ddpm")):
         x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. predict x0
         noise = randn(shape, generator, device) if t_prev >= 0 else None
         x = ddpm_step(diffusion, x, x0, t, t_prev, noise, variance)  # 3. x_{t-1} ~ p(. | x_t)
@@ -222,7 +239,7 @@ def ddim_sample(
         raise ValueError(f"eta must be >= 0; got {eta}")
     timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing)
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
-    for i, (t, t_prev) in enumerate(tqdm(_pairs(timesteps), disable=not progress, desc="ddim")):
+    for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "ddim")):
         x0, eps = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. predict
         noise = randn(shape, generator, device) if eta > 0 and t_prev >= 0 else None
         x = ddim_step(diffusion, x0, eps, t, t_prev, eta, noise)  # 3. eq. 12
@@ -258,7 +275,7 @@ def dpm_solver_sample(
     timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing)
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     x0_last, h_last = None, None
-    for i, (t, t_prev) in enumerate(tqdm(_pairs(timesteps), disable=not progress, desc="dpm")):
+    for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "dpm")):
         x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. data prediction
         if t_prev < 0:
             x = x0
@@ -279,3 +296,29 @@ def dpm_solver_sample(
 
 
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm-solver": dpm_solver_sample}
+
+
+def sample(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    shape: tuple[int, ...],
+    config: SamplerConfig,
+    **inputs,
+) -> torch.Tensor:
+    """Run the sampler ``config`` names with its settings. Returns x0 (B, C, H, W).
+
+    Args:
+        inputs: what every sampler takes: ``y``, ``generator``, ``x_T``, ``device``,
+            ``progress``, ``callback``.
+    """
+    options = {
+        "steps": config.steps,
+        "spacing": config.spacing,
+        "clip_x0": config.clip_x0,
+        "guidance_scale": config.guidance_scale,
+    }
+    if config.sampler == "ddim":
+        options["eta"] = config.eta
+    if config.sampler == "ddpm":
+        options["variance"] = config.variance
+    return SAMPLERS[config.sampler](model, diffusion, shape, **options, **inputs)

@@ -12,30 +12,33 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ddpm.checkpoint import (
-    CheckpointError,
     config_differences,
+    configs_to_json,
     load_checkpoint,
+    restore_rng,
     save_checkpoint,
+    training_checkpoint,
 )
-from ddpm.config import DiffusionConfig, TrainConfig, UNetConfig
+from ddpm.config import DiffusionConfig, EMAConfig, TrainConfig, UNetConfig
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.ema import EMA, EMAConfig
+from ddpm.distributed import Distributed
+from ddpm.ema import EMA
+from ddpm.errors import CheckpointError, NonFiniteLossError
+from ddpm.pixels import to_float, to_uint8
+from ddpm.progress import Progress
 from ddpm.samplers import ddim_sample
-from ddpm.sampling import to_uint8
 from ddpm.unet import UNet
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last checkpoint on disk is the last good state."""
+COST_STEPS = 5  # steps timed, after the first (warm-up, compilation), for the cost estimate
 
 
 class Dataset(NamedTuple):
@@ -49,9 +52,9 @@ class Dataset(NamedTuple):
 class Hooks:
     """Where the loop reports. Each is optional; all run on rank 0 only."""
 
+    on_start: Callable[[int], None] | None = None  # the step training starts from
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
     on_samples: Callable[[int, torch.Tensor], None] | None = None  # uint8 (B, H, W, C)
-    on_checkpoint: Callable[[int, Path], None] | None = None
     log: Callable[[str], None] = print
 
 
@@ -65,22 +68,12 @@ class TrainResult(NamedTuple):
     resumed_from_step: int
 
 
-@dataclass
-class Distributed:
-    """This process's place in a torch.distributed job (rank 0 of 1 when there is none)."""
+class Trained(NamedTuple):
+    """What :func:`train` returns: the summary, the EMA and the live model (on the device)."""
 
-    rank: int = 0
-    world_size: int = 1
-    wrap: Callable[[nn.Module], nn.Module] = field(default=lambda m: m)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) in [0, 255] -> float (B, C, H, W) in [-1, 1]."""
-    return images.float().div_(127.5).sub_(1.0)
+    result: TrainResult
+    ema: EMA
+    model: UNet
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -189,24 +182,8 @@ def _build(
     return _State(model, EMA(model, ema_config), optimizer, scheduler)
 
 
-def _payload(state: _State, step: int, configs: dict, best: float | None) -> dict:
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {
-        "step": step,
-        "config": configs,
-        "model": state.model.state_dict(),
-        "ema": state.ema.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "lr_scheduler": state.scheduler.state_dict(),
-        "grad_scaler": None,  # bf16 needs no loss scaling; kept for the format's sake
-        "rng": rng,
-        "best_val_loss": best,
-    }
-
-
 def _resume(state: _State, path: Path, unet_config, diffusion_config, device) -> dict:
+    """Load a training checkpoint into ``state``; refuse one of another model configuration."""
     ckpt = load_checkpoint(path, map_location=device)
     diffs = config_differences(ckpt, unet_config, diffusion_config)
     if diffs:
@@ -219,9 +196,7 @@ def _resume(state: _State, path: Path, unet_config, diffusion_config, device) ->
     state.ema.load_state_dict(ckpt["ema"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["lr_scheduler"])
-    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+    restore_rng(ckpt)
     return ckpt
 
 
@@ -324,6 +299,159 @@ def _window_metrics(
     }
 
 
+class _Loop:
+    """The state of one training run and the phases of its loop (after improved-diffusion's
+    ``TrainLoop``): set-up and resume in ``__init__``, then :meth:`run`."""
+
+    def __init__(
+        self,
+        configs: tuple[UNetConfig, DiffusionConfig, TrainConfig, EMAConfig],
+        data: tuple[Dataset, Dataset],
+        checkpoint_dir: Path,
+        seed: int,
+        device: torch.device,
+        hooks: Hooks,
+        dist: Distributed,
+    ) -> None:
+        unet_config, diffusion_config, self.config, ema_config = configs
+        self.seed, self.device, self.hooks, self.dist = seed, device, hooks, dist
+        self.say = hooks.log if dist.is_main else (lambda _msg: None)
+        if self.config.deterministic:  # the call itself imports much of torch._dynamo: ~2 s
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(seed)
+        self.diffusion = GaussianDiffusion(diffusion_config).to(device)
+        self.state = _build(unet_config, self.config, ema_config, device)
+        self.configs = configs_to_json(*configs)
+        self.last, self.best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+        self.images, self.labels, self.val = _on_device(*data, unet_config, self.config, device)
+        model = self.state.model
+        self.net = dist.wrap(torch.compile(model) if self.config.compile else model)
+        bf16 = self.config.bf16 and device.type == "cuda"
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+        self.step, self.best, self.window = 0, _Best(math.inf, self.config), []
+
+    def resume(self, source: Path | None, why_not: str) -> None:
+        """Continue from ``source``, loudly, or say why this is a fresh start."""
+        if source is None:
+            self.say(f"starting fresh: {why_not}")
+            return
+        ckpt = _resume(self.state, source, self.net_config, self.diffusion.config, self.device)
+        best = ckpt["best_val_loss"]
+        self.step, self.best.loss = ckpt["step"], math.inf if best is None else best
+        self.say(f"resumed from {source} at step {self.step}")
+
+    @property
+    def net_config(self) -> UNetConfig:
+        return self.state.model.config
+
+    def run(self, log_every: int, progress: bool) -> Trained:
+        c, step, start = self.config, self.step, self.step
+        if self.hooks.on_start and self.dist.is_main:
+            self.hooks.on_start(step)
+        val_loss = math.nan
+        t_start = t_first = self.t_window = time.perf_counter()
+        shown = progress and self.dist.is_main
+        with Progress(c.steps, "train", "step", initial=step, enabled=shown) as bar:
+            while step < c.steps:
+                # 1. One optimizer step; every random draw is a function of (seed, rank, step)
+                rng = step_seed(self.seed, self.dist.rank, step)
+                loss, grad_norm = _step(
+                    self.state, self.net, self.diffusion, self.images, self.labels, c, rng, self.amp
+                )
+                step += 1
+                self.state.ema.update(self.state.model, step)
+                self.window.append(loss)
+                bar.update()
+                if step == start + 1:
+                    t_first = time.perf_counter()
+                if step == start + 1 + COST_STEPS:
+                    self._say_cost(step, (time.perf_counter() - t_first) / COST_STEPS)
+                # 2. Report, validate, checkpoint and preview when due
+                validate = step % c.val_every == 0 or step == c.steps
+                save = validate or step % c.checkpoint_every == 0
+                if step % log_every == 0 or save:
+                    metrics = self._report(step, grad_norm, validate)
+                    val_loss = metrics.get("val_loss", val_loss)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if save and self.dist.is_main:
+                    self._save(self.last, step)
+                if step % c.sample_every == 0 or step == c.steps:
+                    self._preview(step)
+                if self.best.stop:  # only set on a validation step, saved just above
+                    self.say(f"early stopping at step {step}: no improvement in "
+                             f"{self.best.misses} validations")  # fmt: skip
+                    break
+        # 3. Finish: where the model stands, even when there was nothing left to train
+        if math.isnan(val_loss):
+            val_loss = self._validation_loss()
+        return self._finish(step, start, val_loss, time.perf_counter() - t_start)
+
+    def _say_cost(self, step: int, seconds_per_step: float) -> None:
+        left = self.config.steps - step
+        eta = timedelta(seconds=round(left * seconds_per_step))
+        self.say(
+            f"cost: {self.config.steps:,} steps, {left:,} to go at {seconds_per_step:.3g} s/step "
+            f"on {self.device.type} (measured over {COST_STEPS} steps): about {eta} more"
+        )
+
+    def _validation_loss(self) -> float:
+        """The loss of the EMA weights (the ones we sample from) on the fixed validation set."""
+        return validation_loss(
+            self.state.ema.module,
+            self.diffusion,
+            self.val,
+            self.config.val_timesteps,
+            self.config.batch_size,
+        )
+
+    def _report(self, step: int, grad_norm: torch.Tensor, validate: bool) -> dict[str, float]:
+        """The window's metrics (checked finite before anything is written), validation when
+        due and ``best.pt`` when it improves; then ``on_metrics``."""
+        now = time.perf_counter()
+        seen = len(self.window) * self.config.batch_size * self.dist.world_size
+        metrics = _window_metrics(
+            self.window, step, self.last, self.state, grad_norm, seen / (now - self.t_window)
+        )
+        self.window, self.t_window = [], now
+        if validate:
+            metrics["val_loss"] = self._validation_loss()
+            if self.best.update(metrics["val_loss"]) and self.dist.is_main:
+                self._save(self.best_path, step)
+        if self.dist.is_main and self.hooks.on_metrics:
+            self.hooks.on_metrics(step, metrics)
+        return metrics
+
+    def _save(self, path: Path, step: int) -> None:
+        s = self.state
+        payload = training_checkpoint(
+            step, self.configs, s.model, s.ema, s.optimizer, s.scheduler, self.best.loss
+        )
+        save_checkpoint(payload, path)
+
+    def _preview(self, step: int) -> None:
+        if self.dist.is_main and self.hooks.on_samples:
+            images = preview(self.state.ema, self.diffusion, self.config, self.device)
+            self.hooks.on_samples(step, images)
+
+    def _finish(self, step: int, start: int, val_loss: float, wall: float) -> Trained:
+        trained = (step - start) * self.config.batch_size * self.dist.world_size
+        result = TrainResult(
+            step=step,
+            best_val_loss=self.best.loss,
+            final_val_loss=val_loss,
+            wall_time_s=wall,
+            images_per_second=trained / wall if wall > 0 else 0.0,
+            stopped_early=self.best.stop,
+            resumed_from_step=start,
+        )
+        self.say(
+            f"trained to step {step} ({step - start} this run) in {wall:.0f}s, "
+            f"{result.images_per_second:.0f} img/s; val loss {val_loss:.4f}, "
+            f"best {self.best.loss:.4f}"
+        )
+        return Trained(result, self.state.ema, self.state.model)
+
+
 def train(
     unet_config: UNetConfig,
     diffusion_config: DiffusionConfig,
@@ -341,7 +469,7 @@ def train(
     dist: Distributed | None = None,
     log_every: int = 50,
     progress: bool = True,
-) -> tuple[TrainResult, EMA]:
+) -> Trained:
     """Train a UNet; checkpoints ``last.pt`` and ``best.pt`` go to ``checkpoint_dir``.
 
     Args:
@@ -349,119 +477,18 @@ def train(
         resume: continue from ``checkpoint_dir/last.pt`` when it exists.
         resume_from: continue from this checkpoint instead; it must exist and match the model.
     Returns:
-        the summary and the EMA model (on ``device``).
+        the summary, the EMA and the trained model (on ``device``).
     """
-    hooks, dist, device = hooks or Hooks(), dist or Distributed(), torch.device(device)
-    say = hooks.log if dist.is_main else (lambda _msg: None)
-    if train_config.deterministic:  # the call itself imports much of torch._dynamo: ~2 s
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(seed)
-    diffusion = GaussianDiffusion(diffusion_config).to(device)
-    state = _build(unet_config, train_config, ema_config, device)
-    configs = {
-        "unet": unet_config.model_dump(mode="json"),
-        "diffusion": diffusion_config.model_dump(mode="json"),
-        "train": train_config.model_dump(mode="json"),
-        "ema": ema_config.model_dump(mode="json"),
-    }
-    last, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
-
-    # 1. Resume, loudly, or say that this is a fresh start
-    step, best_loss = 0, math.inf
+    loop = _Loop(
+        (unet_config, diffusion_config, train_config, ema_config),
+        (train_data, val_data),
+        checkpoint_dir,
+        seed,
+        torch.device(device),
+        hooks or Hooks(),
+        dist or Distributed(),
+    )
+    last = checkpoint_dir / "last.pt"
     source = resume_from or (last if resume and last.exists() else None)
-    if source is not None:
-        ckpt = _resume(state, source, unet_config, diffusion_config, device)
-        step, best_loss = ckpt["step"], ckpt["best_val_loss"] or math.inf
-        say(f"resumed from {source} at step {step}")
-    else:
-        say(f"starting fresh: {'no checkpoint in ' + str(checkpoint_dir) if resume else '--fresh'}")
-    resumed_from, best = step, _Best(best_loss, train_config)
-
-    # 2. Data on the device as (N, C, H, W) uint8; batches are drawn by index
-    images, labels, val = _on_device(train_data, val_data, unet_config, train_config, device)
-    net = dist.wrap(torch.compile(state.model) if train_config.compile else state.model)
-    amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if train_config.bf16 and device.type == "cuda"
-        else nullcontext()
-    )
-
-    # 3. The loop
-    val_loss, window = math.nan, []
-    t_start = t_window = time.perf_counter()
-    bar = tqdm(
-        total=train_config.steps,
-        initial=step,
-        disable=not (progress and dist.is_main),
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    while step < train_config.steps:
-        rng = step_seed(seed, dist.rank, step)
-        loss, grad_norm = _step(state, net, diffusion, images, labels, train_config, rng, amp)
-        step += 1
-        state.ema.update(state.model, step)
-        window.append(loss)
-        bar.update(1)
-
-        validate = step % train_config.val_every == 0 or step == train_config.steps
-        save = validate or step % train_config.checkpoint_every == 0
-        if step % log_every == 0 or save:
-            # 4. Check the window's losses before anything is written to disk
-            now = time.perf_counter()
-            seen = len(window) * train_config.batch_size * dist.world_size
-            metrics = _window_metrics(window, step, last, state, grad_norm, seen / (now - t_window))
-            window, t_window = [], now
-            bar.set_postfix(
-                loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.0f}"
-            )
-            # 5. Validation at fixed timesteps and noise, on the EMA weights we sample from
-            if validate:
-                val_loss = metrics["val_loss"] = validation_loss(
-                    state.ema.module,
-                    diffusion,
-                    val,
-                    train_config.val_timesteps,
-                    train_config.batch_size,
-                )
-                if best.update(val_loss) and dist.is_main:
-                    save_checkpoint(_payload(state, step, configs, best.loss), best_path)
-            if dist.is_main and hooks.on_metrics:
-                hooks.on_metrics(step, metrics)
-        # 6. Checkpoint and preview
-        if save and dist.is_main:
-            save_checkpoint(_payload(state, step, configs, best.loss), last)
-            if hooks.on_checkpoint:
-                hooks.on_checkpoint(step, last)
-        if (
-            dist.is_main
-            and hooks.on_samples
-            and (step % train_config.sample_every == 0 or step == train_config.steps)
-        ):
-            hooks.on_samples(step, preview(state.ema, diffusion, train_config, device))
-        if best.stop:  # only set on a validation step, whose checkpoint is written above
-            say(f"early stopping at step {step}: no improvement in {best.misses} validations")
-            break
-    bar.close()
-    if math.isnan(val_loss):  # nothing left to train: still report where the model stands
-        val_loss = validation_loss(
-            state.ema.module, diffusion, val, train_config.val_timesteps, train_config.batch_size
-        )
-
-    wall = time.perf_counter() - t_start
-    trained = (step - resumed_from) * train_config.batch_size * dist.world_size
-    result = TrainResult(
-        step=step,
-        best_val_loss=best.loss,
-        final_val_loss=val_loss,
-        wall_time_s=wall,
-        images_per_second=trained / wall if wall > 0 else 0.0,
-        stopped_early=best.stop,
-        resumed_from_step=resumed_from,
-    )
-    say(
-        f"trained to step {step} ({step - resumed_from} this run) in {wall:.0f}s, "
-        f"{result.images_per_second:.0f} img/s; val loss {val_loss:.4f}, best {best.loss:.4f}"
-    )
-    return result, state.ema
+    loop.resume(source, f"no checkpoint in {checkpoint_dir}" if resume else "--fresh")
+    return loop.run(log_every, progress)

@@ -2,13 +2,18 @@
 
 Each stage reads params.yaml (``--params``), does its work through ``ddpm`` and writes its
 outputs atomically. Run ``pipeline --help`` or ``pipeline STAGE --help``.
+
+This file holds the whole command-line surface (options and help) and imports only typer:
+each command imports its stage's module when it runs, so ``--help`` answers at once and a
+stage loads exactly the project files it uses. dvc.yaml lists those files as the stage's
+deps, and ``tests/test_dag.py`` computes them from the imports inside each command below.
 """
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from pipeline import data, evaluate, sample, train
+import typer
 
 app = typer.Typer(
     name="pipeline",
@@ -16,13 +21,89 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
-app.command("download")(data.download)
-app.command("prepare")(data.prepare)
-app.command("train")(train.train_command)
-app.command("sample")(sample.sample_command)
-app.command("evaluate")(evaluate.evaluate_command)
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="The experiment's params file.")
+RAW = typer.Option(Path("data/raw"), "--raw-dir", help="Folder of raw archives.")
+PREPARED = typer.Option(Path("data/prepared"), "--data", help="The prepared data folder.")
+MODELS = typer.Option(Path("models"), "--models", help="Where checkpoints/ and ema.pt live.")
+METRICS = typer.Option(Path("metrics"), "--metrics", help="Where the metrics files go.")
+SAMPLES = typer.Option(Path("samples"), "--samples", help="The sample stage's folder.")
+
+
+@app.command()
+def download(params: Path = PARAMS, raw_dir: Path = RAW) -> None:
+    """Fetch and verify the raw archive of the chosen dataset (skipped when already valid)."""
+    from pipeline.download import download_stage
+
+    download_stage(params, raw_dir)
+
+
+@app.command()
+def prepare(
+    params: Path = PARAMS,
+    raw_dir: Path = RAW,
+    out_dir: Path = typer.Option(Path("data/prepared"), "--out-dir", help="Prepared folder."),
+) -> None:
+    """Extract the chosen dataset into train/val uint8 arrays, labels and a manifest."""
+    from pipeline.prepare import prepare_stage
+
+    prepare_stage(params, raw_dir, out_dir)
+
+
+@app.command()
+def train(
+    params: Path = PARAMS,
+    data: Path = PREPARED,
+    models: Path = MODELS,
+    metrics: Path = METRICS,
+    fresh: bool = typer.Option(
+        False, "--fresh", help="Discard this configuration's checkpoints and start over."
+    ),
+    resume_from: Path | None = typer.Option(
+        None, help="Resume from this checkpoint (it must match the model params)."
+    ),
+) -> None:
+    """Train the UNet, resuming from this configuration's last checkpoint when there is one.
+
+    Checkpoints go to models/checkpoints/<key>/, where the key hashes the model, diffusion,
+    optimisation, EMA, seed and data: rerunning the same experiment resumes, changing one of
+    those starts a new run in its own folder. Under torchrun, one process per GPU (DDP).
+    """
+    from pipeline.train import train_stage
+
+    train_stage(params, data, models, metrics, fresh, resume_from)
+
+
+@app.command()
+def sample(
+    params: Path = PARAMS,
+    models: Path = MODELS,
+    data: Path = typer.Option(
+        Path("data/prepared"), "--data", help="Prepared data (forward figure)."
+    ),
+    out: Path = typer.Option(Path("samples"), "--out", help="The samples folder to write."),
+) -> None:
+    """Sample images from the trained weights (sharded across processes under torchrun)."""
+    from pipeline.sample import sample_stage
+
+    sample_stage(params, models, data, out)
+
+
+@app.command()
+def evaluate(
+    params: Path = PARAMS,
+    data: Path = typer.Option(
+        Path("data/prepared"), "--data", help="Prepared data (the reference)."
+    ),
+    samples: Path = SAMPLES,
+    metrics: Path = METRICS,
+) -> None:
+    """FID, IS and KID (and precision/recall) of the samples against a prepared split."""
+    from pipeline.evaluate import evaluate_stage
+
+    evaluate_stage(params, data, samples, metrics)
 
 
 def main() -> None:

@@ -33,9 +33,9 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 from torchvision.models import VGG16_Weights
 
-from ddpm.checkpoint import CheckpointError
 from ddpm.data.errors import DataError
 from ddpm.data.prepared import load_prepared
+from ddpm.errors import CheckpointError
 from pipeline.errors import stage_errors
 from pipeline.outputs import write_json
 from pipeline.runtime import pick_device
@@ -311,16 +311,10 @@ def label(extractions: list[Extraction], num_images: int) -> str:
     return f"official weights, {num_images} images"
 
 
-def evaluate_command(
-    params: Path = typer.Option(Path("params.yaml"), help="The experiment's params file."),
-    data: Path = typer.Option(Path("data/prepared"), help="Prepared data (the reference)."),
-    samples: Path = typer.Option(Path("samples"), help="The sample stage's output folder."),
-    metrics: Path = typer.Option(Path("metrics"), help="Where eval.json goes."),
-) -> None:
-    """FID, IS and KID (and precision/recall) of the samples against a prepared split."""
+def evaluate_stage(params: Path, data: Path, samples: Path, metrics: Path) -> None:
+    """The evaluate stage (``pipeline evaluate --help``): torch-fidelity on the samples."""
     with stage_errors():
         p = load_params(params)
-        p.check_sampling()
         e, machine = p.evaluate, Machine()
         if machine.num_threads:
             torch.set_num_threads(machine.num_threads)
@@ -351,7 +345,7 @@ def evaluate_command(
                 "label": label(extractions, found.count),
             }
             write_json(metrics / "eval.json", summary)
-            tracker.log_metrics({**results, "eval_num_images": float(found.count)})
+            tracker.log_metrics({**results, "num_images": float(found.count)})
             tracker.log_artifact(metrics / "eval.json", "metrics")
             typer.echo(json.dumps(summary, indent=2))
 

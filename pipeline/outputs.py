@@ -1,9 +1,8 @@
-"""Writing stage outputs atomically: a killed stage never leaves a half file behind."""
+"""Stage outputs, written atomically (see :mod:`ddpm.files`): JSON, PNGs and TSV curves."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -11,34 +10,16 @@ from typing import Any
 import torch
 from PIL import Image
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+from ddpm.files import atomic_write_bytes, temporary_sibling
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
-def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> one uint8 (rows*(H+pad)+pad, cols*(W+pad)+pad, C) image."""
-    b, h, w, c = images.shape
-    cols = nrow or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    canvas = torch.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=torch.uint8)
-    for i in range(b):
-        r, k = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + k * (w + pad)
-        canvas[top : top + h, left : left + w] = images[i]
-    return canvas
-
-
 def save_png(path: Path, image: torch.Tensor) -> None:
     """Write uint8 (H, W, C) as a PNG, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_sibling(path)
     Image.fromarray(image.numpy()).save(tmp, format="PNG")
     os.replace(tmp, path)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm.train import Distributed
+from ddpm.distributed import Distributed
 from pipeline.settings import Machine
 
 

@@ -29,43 +29,31 @@ import torch
 import torch.distributed as torch_dist
 import typer
 from PIL import Image
-from tqdm.auto import tqdm
 
-from ddpm.checkpoint import CheckpointError
-from ddpm.data.prepared import load_prepared, replace_dir
+from ddpm.checkpoint import SamplingModel, load_sampling_model
+from ddpm.data.prepared import load_prepared
+from ddpm.distributed import Distributed
+from ddpm.errors import CheckpointError, NonFiniteSamplesError
 from ddpm.figures import forward_process_figure, schedule_figure
+from ddpm.files import atomic_write_bytes, replace_dir
+from ddpm.generation import generate, image_generators, image_labels, slerp
+from ddpm.pixels import grid, to_float, to_uint8
+from ddpm.progress import Progress
 from ddpm.samplers import make_timesteps
-from ddpm.sampling import (
-    NonFiniteSamplesError,
-    SamplingModel,
-    generate,
-    image_generators,
-    image_labels,
-    load_sampling_model,
-    slerp,
-    to_uint8,
-)
-from ddpm.train import Distributed, to_float
-from pipeline.errors import stage_errors
-from pipeline.outputs import atomic_write_bytes, grid, save_png, write_json
+from pipeline.errors import ParamsError, stage_errors
+from pipeline.outputs import save_png, write_json
 from pipeline.runtime import distributed
-from pipeline.settings import Machine, ParamsError, SampleParams, load_params
+from pipeline.settings import Machine, SampleParams, load_params
 from pipeline.tracking import Tracker
 
 FORWARD_FRACTIONS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # of T - 1, in the forward figure
 FORWARD_IMAGES = 4
 
 
-def sample_command(
-    params: Path = typer.Option(Path("params.yaml"), help="The experiment's params file."),
-    models: Path = typer.Option(Path("models"), help="Where ema.pt and checkpoints/ are."),
-    data: Path = typer.Option(Path("data/prepared"), help="Prepared data (forward figure)."),
-    out: Path = typer.Option(Path("samples"), help="The samples folder to write."),
-) -> None:
-    """Sample images from the trained weights (sharded across processes under torchrun)."""
+def sample_stage(params: Path, models: Path, data: Path, out: Path) -> None:
+    """The sample stage (``pipeline sample --help``), sharded across processes under torchrun."""
     with stage_errors():
         p = load_params(params)
-        p.check_sampling()
         s = p.sample
         path = models / "ema.pt"
         with (
@@ -84,7 +72,7 @@ def sample_command(
                     extras = write_extras(net, s, p.seed, tmp, real, device)
                     write_json(tmp / "manifest.json", manifest(net, s, p.seed, path))
                     replace_dir(tmp, out)
-                    tracker.log_metrics({"sample_images_per_second": rate})
+                    tracker.log_metrics({"images_per_second": rate})
                     for name in [*extras, "manifest.json"]:
                         tracker.log_artifact(out / name, str(Path("samples", name).parent))
                     typer.echo(
@@ -132,21 +120,6 @@ def check_against_model(s: SampleParams, net: SamplingModel) -> None:
         raise ParamsError(f"sample.classes: {exc}") from exc
 
 
-def sampler_options(s: SampleParams) -> dict:
-    """The keyword arguments of the chosen sampler from the sample params."""
-    options = {
-        "steps": s.steps,
-        "spacing": s.spacing,
-        "clip_x0": s.clip_x0,
-        "guidance_scale": s.guidance_scale,
-    }
-    if s.sampler == "ddim":
-        options["eta"] = s.eta
-    if s.sampler == "ddpm":
-        options["variance"] = s.variance
-    return options
-
-
 def my_batches(s: SampleParams, dist: Distributed) -> list[range]:
     """This process's share: batches k = rank, rank + world_size, ... of the whole set.
 
@@ -168,19 +141,13 @@ def render(
     progress: bool = True,
 ) -> None:
     """Sample each batch of image indices and write image i as ``folder/<i:06d>.png``."""
-    num_classes = net.model.config.num_classes
+    num_classes, sampler = net.model.config.num_classes, s.sampler_config()
     total = sum(len(b) for b in batches)
-    with tqdm(total=total, unit="img", desc="sample", disable=not progress) as bar:
+    with Progress(total, "sample", "img", enabled=progress) as bar:
         for batch in batches:
+            labels = image_labels(batch, num_classes, s.classes)
             x = generate(
-                net.model,
-                net.diffusion,
-                batch,
-                seed,
-                sampler=s.sampler,
-                labels=image_labels(batch, num_classes, s.classes),
-                device=device,
-                **sampler_options(s),
+                net.model, net.diffusion, batch, seed, sampler, labels=labels, device=device
             )
             for index, image in zip(batch, to_uint8(x), strict=True):
                 save_png(folder / f"{index:06d}.png", image)
@@ -229,11 +196,10 @@ def denoising_gif(net: SamplingModel, s: SampleParams, seed: int, device: torch.
         net.diffusion,
         indices,
         seed,
-        sampler=s.sampler,
+        s.sampler_config(),
         labels=image_labels(indices, net.model.config.num_classes, s.classes),
         device=device,
         callback=capture,
-        **sampler_options(s),
     )
     buffer = io.BytesIO()
     durations = [80] * (len(frames) - 1) + [1500]  # hold the final images
@@ -257,11 +223,10 @@ def interpolation(
         net.diffusion,
         indices,
         seed,
-        sampler=s.sampler,
+        s.sampler_config(),
         labels=image_labels(indices, cfg.num_classes, s.classes),
         x_T=x_T,
         device=device,
-        **sampler_options(s),
     )
     return grid(to_uint8(x), nrow=s.interpolation_steps)
 

@@ -6,6 +6,9 @@ stage that opens a run logs the whole flattened params.yaml, so a run opened by 
 (when DVC skipped the earlier ones) still carries every param. The store defaults to
 ``sqlite:///mlflow.db`` in the project root; ``MLFLOW_TRACKING_URI`` points elsewhere.
 If tracking fails, the stage goes on and says so once.
+
+Metrics are named once, grouped by stage (``train/loss``, ``train/val_loss``, ``sample/...``,
+``eval/fid``), so the MLflow UI's charts group them and two experiments compare side by side.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "ddpm")
+METRIC_GROUPS = {"evaluate": "eval"}  # stage -> metric prefix, where it is not the stage name
 
 
 def project_root() -> Path:
@@ -129,9 +133,11 @@ class Tracker:
                 self._fail("closing the run", err)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log ``metrics`` as ``<stage group>/<name>``."""
         if self.enabled:
+            group = METRIC_GROUPS.get(self.stage, self.stage)
             try:
-                self._mlflow.log_metrics(metrics, step=step)
+                self._mlflow.log_metrics({f"{group}/{k}": v for k, v in metrics.items()}, step)
             except Exception as exc:
                 self._fail("logging metrics", exc)
 

@@ -16,16 +16,19 @@ from pathlib import Path
 import torch
 import typer
 
-from ddpm.checkpoint import load_checkpoint, save_checkpoint
+from ddpm.checkpoint import save_checkpoint, weights_file
 from ddpm.config import UNetConfig
 from ddpm.data.prepared import PreparedSplit, load_prepared
-from ddpm.ema import EMA
-from ddpm.train import Dataset, Hooks, TrainResult, train
+from ddpm.files import atomic_write_bytes
+from ddpm.pixels import grid
+from ddpm.train import Dataset, Hooks, Trained, TrainResult, train
 from pipeline.errors import stage_errors
-from pipeline.outputs import atomic_write_bytes, grid, save_png, write_json
+from pipeline.outputs import save_png, write_json
 from pipeline.runtime import distributed
 from pipeline.settings import Machine, Params, load_params
 from pipeline.tracking import Tracker
+
+CPU_HINT_STEPS = 1000  # longer runs on the CPU get a word about their cost and `make smoke`
 
 CURVES = {
     "train_curve.tsv": ["step", "loss", "lr", "grad_norm", "images_per_second"],
@@ -89,110 +92,94 @@ def run_key(p: Params, unet: UNetConfig, data_sha256: str) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def raw_weights(checkpoints: Path) -> dict[str, torch.Tensor]:
-    """The live (non-EMA) weights of the run's last checkpoint, for ``sample.weights: raw``."""
-    return load_checkpoint(checkpoints / "last.pt")["model"]
+class Report:
+    """The loop's hooks on rank 0: curves, previews and MLflow, in the checkpoint folder."""
+
+    def __init__(self, folder: Path, tracker: Tracker) -> None:
+        self.folder, self.tracker, self.curves = folder, tracker, None
+
+    def hooks(self) -> Hooks:
+        return Hooks(on_start=self.start, on_metrics=self.metrics, on_samples=self.samples)
+
+    def start(self, step: int) -> None:
+        self.curves = Curves(self.folder, step)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self.curves.append(step, values)
+        self.tracker.log_metrics(values, step)
+
+    def samples(self, step: int, images: torch.Tensor) -> None:
+        path = self.folder / "previews" / f"step_{step:07d}.png"
+        save_png(path, grid(images))
+        self.tracker.log_artifact(path, "previews")
 
 
-def _last_step(checkpoints: Path) -> int:
-    last = checkpoints / "last.pt"
-    if not last.exists():
-        return 0
-    return int(torch.load(last, map_location="cpu", weights_only=True)["step"])
-
-
-def train_command(
-    params: Path = typer.Option(Path("params.yaml"), help="The experiment's params file."),
-    data: Path = typer.Option(Path("data/prepared"), help="Prepared data folder."),
-    models: Path = typer.Option(Path("models"), help="Where checkpoints and weights go."),
-    metrics: Path = typer.Option(Path("metrics"), help="Where train.json and the curve go."),
-    fresh: bool = typer.Option(
-        False, "--fresh", help="Discard this configuration's checkpoints and start over."
-    ),
-    resume_from: Path | None = typer.Option(
-        None, help="Resume from this checkpoint (it must match the model params)."
-    ),
+def train_stage(
+    params: Path, data: Path, models: Path, metrics: Path, fresh: bool, resume_from: Path | None
 ) -> None:
-    """Train the UNet, resuming from this configuration's last checkpoint when there is one.
-
-    Checkpoints go to models/checkpoints/<key>/, where the key hashes the model, diffusion,
-    optimisation, EMA, seed and data: rerunning the same experiment resumes, changing one of
-    those starts a new run in its own folder.
-    """
+    """The train stage (``pipeline train --help``): the loop of :func:`ddpm.train.train` on the
+    prepared split, checkpoints in this configuration's folder, outputs when it ends."""
     with stage_errors():
         p = load_params(params)
-        train_split, val_split = load_prepared(data, "train"), load_prepared(data, "val")
-        num_classes = train_split.manifest["num_classes"] if p.model.conditional else None
+        splits = load_prepared(data, "train"), load_prepared(data, "val")
+        num_classes = splits[0].manifest["num_classes"] if p.model.conditional else None
         unet_config = p.unet_config(num_classes)
-        key = run_key(p, unet_config, train_split.manifest["splits"]["train"]["images_sha256"])
+        key = run_key(p, unet_config, splits[0].manifest["splits"]["train"]["images_sha256"])
         checkpoints = models / "checkpoints" / key
         with distributed(Machine()) as (dist, device):
             if fresh and dist.is_main:
                 shutil.rmtree(checkpoints, ignore_errors=True)
-            curves = Curves(checkpoints, _last_step(checkpoints)) if dist.is_main else None
+            if dist.is_main and device.type == "cpu" and p.train.steps > CPU_HINT_STEPS:
+                typer.echo(
+                    f"no GPU: {p.train.steps:,} training steps run on the CPU; the cost line "
+                    "below says how long. `make smoke` runs the whole pipeline offline on a "
+                    "tiny model in a few minutes.",
+                    err=True,
+                )
             with Tracker(p.model_dump(mode="json"), "train", enabled=dist.is_main) as tracker:
-
-                def on_metrics(step: int, values: dict[str, float]) -> None:
-                    curves.append(step, values)
-                    tracker.log_metrics(values, step)
-
-                def on_samples(step: int, images: torch.Tensor) -> None:
-                    path = checkpoints / "previews" / f"step_{step:07d}.png"
-                    save_png(path, grid(images))
-                    tracker.log_artifact(path, "previews")
-
-                result, ema = train(
-                    unet_config,
-                    p.diffusion_config(),
-                    p.train,
-                    p.ema,
-                    Dataset(train_split.images, train_split.labels if num_classes else None),
-                    Dataset(val_split.images, val_split.labels if num_classes else None),
-                    checkpoint_dir=checkpoints,
-                    resume_from=resume_from,
-                    seed=p.seed,
-                    device=device,
-                    resume=not fresh,
-                    hooks=Hooks(on_metrics=on_metrics, on_samples=on_samples),
-                    dist=dist,
-                )
-                if not dist.is_main:
-                    return
-                weights = models / "ema.pt"
-                save_checkpoint(
-                    _weights_payload(result.step, unet_config, p, ema, checkpoints, train_split),
-                    weights,
-                )
-                summary = _summary(result, p.train.batch_size * dist.world_size, checkpoints)
-                write_json(metrics / "train.json", summary)
-                curve_files = curves.publish(metrics)
-                tracker.log_metrics(
-                    {f"final_{k}": float(v) for k, v in summary.items() if not isinstance(v, str)}
-                )
-                tracker.log_artifact(weights, "weights")
-                for path in curve_files:
-                    tracker.log_artifact(path, "curves")
+                report = Report(checkpoints, tracker)
+                trained = train(
+                    unet_config, p.diffusion_config(), p.train, p.ema,
+                    *(Dataset(s.images, s.labels if num_classes else None) for s in splits),
+                    checkpoint_dir=checkpoints, resume_from=resume_from, seed=p.seed,
+                    device=device, resume=not fresh, hooks=report.hooks(), dist=dist,
+                )  # fmt: skip
+                if dist.is_main:
+                    effective_batch = p.train.batch_size * dist.world_size
+                    publish(trained, p, splits[0], models, metrics, effective_batch, report)
 
 
-def _weights_payload(
-    step: int,
-    unet_config: UNetConfig,
+def publish(
+    trained: Trained,
     p: Params,
-    ema: EMA,
-    checkpoints: Path,
     split: PreparedSplit,
-) -> dict:
-    """models/ema.pt: the EMA and raw weights with the configs that sampling needs."""
-    return {
-        "step": step,
-        "config": {
-            "unet": unet_config.model_dump(mode="json"),
-            "diffusion": p.diffusion_config().model_dump(mode="json"),
-        },
-        "ema": ema.state_dict(),
-        "model": raw_weights(checkpoints),
-        "class_names": split.manifest["class_names"],
-    }
+    models: Path,
+    metrics: Path,
+    effective_batch: int,
+    report: Report,
+) -> None:
+    """models/ema.pt, metrics/train.json and the curves, on disk and in MLflow."""
+    weights = models / "ema.pt"
+    unet = trained.model.config
+    payload = weights_file(
+        trained.result.step, unet, p.diffusion_config(), trained.ema, trained.model,
+        split.manifest["class_names"],
+    )  # fmt: skip
+    save_checkpoint(payload, weights)
+    summary = _summary(trained.result, effective_batch, report.folder)
+    write_json(metrics / "train.json", summary)
+    report.tracker.log_metrics(
+        {
+            "steps": float(summary["steps"]),
+            "best_val_loss": summary["best_val_loss"],
+            "wall_time_s": summary["wall_time_s"],
+            "mean_images_per_second": summary["images_per_second"],
+            "effective_batch_size": float(effective_batch),
+        }
+    )
+    report.tracker.log_artifact(weights, "weights")
+    for path in report.curves.publish(metrics):
+        report.tracker.log_artifact(path, "curves")
 
 
 def _summary(result: TrainResult, effective_batch: int, checkpoints: Path) -> dict:

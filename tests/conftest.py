@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from archives import ArchiveServer, make_cifar10_archive, make_tiny_imagenet_zip
+from tiny import tiny_unet
 
-from ddpm.checkpoint import save_checkpoint
-from ddpm.config import DiffusionConfig, UNetConfig
+from ddpm.checkpoint import save_checkpoint, weights_file
+from ddpm.config import DiffusionConfig
 from ddpm.ema import EMA
 from ddpm.unet import UNet
 
@@ -69,16 +70,7 @@ def tiny_checkpoint() -> Callable[..., Path]:
     """Save a tiny 16-pixel UNet (random, non-zero output) as ``models/ema.pt`` would be."""
 
     def make(path: Path, num_classes: int | None = None, timesteps: int = 20, **extra) -> Path:
-        unet = UNetConfig(
-            image_size=16,
-            base_channels=16,
-            channel_mults=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(8,),
-            num_groups=8,
-            dropout=0.0,
-            num_classes=num_classes,
-        )
+        unet = tiny_unet(num_classes=num_classes)
         generator_state = torch.get_rng_state()
         torch.manual_seed(0)
         model = UNet(unet)
@@ -86,12 +78,10 @@ def tiny_checkpoint() -> Callable[..., Path]:
             for param in model.parameters():
                 param.add_(torch.randn_like(param), alpha=0.05)
         torch.set_rng_state(generator_state)
-        config = {
-            "unet": unet.model_dump(mode="json"),
-            "diffusion": DiffusionConfig(timesteps=timesteps).model_dump(mode="json"),
-        }
-        payload = {"step": 7, "config": config, "ema": EMA(model).state_dict()}
-        payload["class_names"] = [f"c{i}" for i in range(num_classes or 0)]
+        class_names = [f"c{i}" for i in range(num_classes or 0)]
+        diffusion = DiffusionConfig(timesteps=timesteps)
+        payload = weights_file(7, unet, diffusion, EMA(model), model, class_names)
+        del payload["model"]  # only EMA weights, like a file from before raw weights were kept
         save_checkpoint({**payload, **extra}, path)
         return path
 

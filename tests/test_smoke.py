@@ -68,8 +68,8 @@ def test_smoke_pipeline_logs_one_mlflow_run_with_params_metrics_and_artifacts(sm
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["dataset"] == "synthetic" and run.data.params["schedule"] == "linear"
-    assert run.data.metrics["final_steps"] == 300
-    assert math.isfinite(run.data.metrics["fid"])
+    assert run.data.metrics["train/steps"] == 300
+    assert math.isfinite(run.data.metrics["eval/fid"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"weights", "previews", "curves"} <= artifacts, artifacts
     assert run.data.tags["stage.train"] == run.data.tags["stage.evaluate"] == "done"
@@ -101,8 +101,8 @@ def test_dvc_exp_run_with_a_cosine_schedule_is_a_second_tracked_experiment(smoke
     by_name = {r.info.run_name: r for r in runs}
     assert by_name["cosine-smoke"].data.params["schedule"] == "cosine"
     assert by_name["cosine-smoke"].data.tags["dvc_exp_name"] == "cosine-smoke"
-    assert by_name["cosine-smoke"].data.metrics["final_steps"] == 300
-    assert math.isfinite(by_name["cosine-smoke"].data.metrics["fid"])
+    assert by_name["cosine-smoke"].data.metrics["train/steps"] == 300
+    assert math.isfinite(by_name["cosine-smoke"].data.metrics["eval/fid"])
 
 
 def test_outputs_round_trip_through_a_local_dvc_remote(smoke, tmp_path):

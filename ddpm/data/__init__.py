@@ -1,18 +1,19 @@
 """Data sets for diffusion training: download, extract, and the prepared-split format.
 
-Public API::
+Import from the modules (this package file imports nothing, so that a stage that reads a
+prepared split does not load, and depend on, every data set's reader)::
 
-    download(url, dest, md5, *, retries=4, backoff=1.0, ...) -> Path
+    ddpm.data.download.download(url, dest, md5, *, retries=4, backoff=1.0, ...) -> Path
         Resumable (HTTP Range), retrying (exponential backoff), md5-verified, atomic download;
         no network I/O at all when ``dest`` is already there with the right md5.
-    resolve_source(dataset, url="", md5="") -> Source | None
+    ddpm.data.sources.resolve_source(dataset, url="", md5="") -> Source | None
         The archive (url, filename, md5) a data set comes from; a mirror overrides url/md5.
-    build_dataset(DataRequest(dataset, image_size, seed, ...)) -> Extracted
+    ddpm.data.build.build_dataset(DataRequest(dataset, image_size, seed, ...)) -> Extracted
         Any data set of DATASETS as arrays: ``Extracted(splits={"train", "val"}, class_names,
         info)``, each split a ``Split(images uint8 [N, H, W, 3], labels int64 [N])``.
-    write_prepared(out_dir, extracted) -> manifest dict
+    ddpm.data.prepared.write_prepared(out_dir, extracted) -> manifest dict
         Writes the prepared folder atomically (temporary sibling folder, then rename).
-    load_prepared(root, split="train") -> PreparedSplit(images, labels, manifest)
+    ddpm.data.prepared.load_prepared(root, split="train") -> PreparedSplit(images, labels, ...)
         ``images``: uint8 tensor [N, H, W, 3] (one read); ``labels``: int64 tensor [N]
         (-1 where the data has no classes); ``manifest``: the folder's manifest.json.
 
@@ -33,43 +34,3 @@ Archive data sets are prepared at their published size or downscaled, never upsc
 problems the user can fix raise a :class:`DataError` whose message names the file or value
 and the fix. Augmentation belongs to training, not here.
 """
-
-from ddpm.data.build import DataRequest, archive_path, build_dataset
-from ddpm.data.download import download, md5sum, verify_md5
-from ddpm.data.errors import (
-    ArchiveError,
-    ChecksumError,
-    DataError,
-    DownloadError,
-    MissingArchiveError,
-    OfflineError,
-)
-from ddpm.data.prepared import PreparedSplit, load_prepared, read_manifest, write_prepared
-from ddpm.data.sources import ARCHIVES, DATASETS, NATIVE_SIZES, Source, resolve_source
-from ddpm.data.split import Extracted, Split
-
-__all__ = [
-    "ARCHIVES",
-    "DATASETS",
-    "NATIVE_SIZES",
-    "ArchiveError",
-    "ChecksumError",
-    "DataError",
-    "DataRequest",
-    "DownloadError",
-    "Extracted",
-    "MissingArchiveError",
-    "OfflineError",
-    "PreparedSplit",
-    "Source",
-    "Split",
-    "archive_path",
-    "build_dataset",
-    "download",
-    "load_prepared",
-    "md5sum",
-    "read_manifest",
-    "resolve_source",
-    "verify_md5",
-    "write_prepared",
-]

@@ -14,16 +14,14 @@ import http.client
 import os
 import re
 import socket
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ddpm.data.errors import ChecksumError, DownloadError, OfflineError
+from ddpm.progress import Progress
 
 CHUNK_BYTES = 1 << 16
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -73,7 +71,7 @@ def download(
         retries: further attempts after the first; each resumes where the last one stopped.
         backoff: seconds before the first retry, doubled for each one after.
         timeout: seconds without an answer before an attempt fails.
-        progress: show a tqdm bar on stderr (only when it is a terminal).
+        progress: a bar on stderr when it is a terminal, plain lines in a log.
         sleep: how to wait between attempts (tests pass a recorder).
 
     Returns:
@@ -203,17 +201,8 @@ def _copy(
 ) -> int:
     """Stream the body into ``part`` (appending from ``offset``); return the bytes received."""
     received = 0
-    bar = tqdm(
-        total=total,
-        initial=offset,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=part.name.removesuffix(".part"),
-        file=sys.stderr,
-        disable=None if progress else True,
-        leave=False,
-    )
+    name = part.name.removesuffix(".part")
+    bar = Progress(total, name, "B", initial=offset, unit_scale=True, enabled=progress)
     with bar, part.open("ab" if offset else "wb") as f:
         while chunk := response.read(CHUNK_BYTES):
             f.write(chunk)

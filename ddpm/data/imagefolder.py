@@ -9,17 +9,16 @@ skipped and named, or fail the whole run, as ``bad_images`` says.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from ddpm.data.errors import DataError
 from ddpm.data.images import IMAGE_SUFFIXES, decode_rgb, to_square_array
 from ddpm.data.split import NO_LABEL, Extracted, seeded_split, val_count
+from ddpm.progress import Progress
 
 SHOWN_BAD = 5
 """How many unreadable paths an error message names."""
@@ -93,17 +92,16 @@ def _decode_all(paths: list[Path], size: int, progress: bool) -> tuple[np.ndarra
     images = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     upscaled = 0
-    bar = tqdm(
-        paths, desc="images", unit="img", file=sys.stderr, disable=None if progress else True
-    )
-    for i, path in enumerate(bar):
-        try:
-            image = decode_rgb(path)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # broken files
-            continue
-        upscaled += min(image.size) < size
-        images[i] = to_square_array(image, size)
-        ok[i] = True
+    with Progress(len(paths), "images", "img", enabled=progress) as bar:
+        for i, path in enumerate(paths):
+            bar.update()
+            try:
+                image = decode_rgb(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # broken
+                continue
+            upscaled += min(image.size) < size
+            images[i] = to_square_array(image, size)
+            ok[i] = True
     return images, ok, upscaled
 
 

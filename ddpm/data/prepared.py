@@ -27,6 +27,7 @@ import torch
 
 from ddpm.data.errors import DataError
 from ddpm.data.split import Extracted, Split
+from ddpm.files import replace_dir
 
 FORMAT = "ddpm-prepared/1"
 MANIFEST = "manifest.json"
@@ -125,12 +126,3 @@ def _split_entry(name: str, split: Split, num_classes: int) -> dict[str, Any]:
         "images_sha256": hashlib.sha256(split.images).hexdigest(),
         "files": {"images": f"{name}_images.npy", "labels": f"{name}_labels.npy"},
     }
-
-
-def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first, then removed."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)

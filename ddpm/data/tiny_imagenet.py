@@ -10,7 +10,6 @@ greyscale JPEGs; every image is converted to RGB.
 
 from __future__ import annotations
 
-import sys
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -18,11 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ddpm.data.errors import ArchiveError
 from ddpm.data.images import decode_rgb, to_square_array
 from ddpm.data.split import Extracted, Split, check_image_size, make_split
+from ddpm.progress import Progress
 
 ROOT = "tiny-imagenet-200/"
 SIZE = 64
@@ -103,12 +102,14 @@ def _decode(
     zf: zipfile.ZipFile, members: list[tuple[str, int]], size: int, progress: bool, desc: str
 ) -> Split:
     images = np.empty((len(members), size, size, 3), dtype=np.uint8)
-    bar = tqdm(members, desc=desc, unit="img", file=sys.stderr, disable=None if progress else True)
-    for i, (name, _) in enumerate(bar):
-        try:
-            images[i] = to_square_array(decode_rgb(zf.read(name)), size)
-        except KeyError:
-            raise ArchiveError(f"{zf.filename}: {name} is listed but not in the zip") from None
-        except (OSError, ValueError) as exc:  # zip-level errors go up to _open_zip
-            raise ArchiveError(f"{zf.filename}: {name} is not a readable image ({exc})") from exc
+    with Progress(len(members), desc, "img", enabled=progress) as bar:
+        for i, (name, _) in enumerate(members):
+            try:
+                images[i] = to_square_array(decode_rgb(zf.read(name)), size)
+            except KeyError:
+                raise ArchiveError(f"{zf.filename}: {name} is listed but not in the zip") from None
+            except (OSError, ValueError) as exc:  # zip-level errors go up to _open_zip
+                bad = f"{zf.filename}: {name} is not a readable image ({exc})"
+                raise ArchiveError(bad) from exc
+            bar.update()
     return make_split(images, np.array([label for _, label in members], dtype=np.int64))

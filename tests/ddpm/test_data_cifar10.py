@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from archives import CIFAR10_CLASSES
 
-from ddpm.data import ArchiveError, ChecksumError, DataError, DataRequest, build_dataset
+from ddpm.data.build import DataRequest, build_dataset
 from ddpm.data.cifar10 import cifar10_cars, cifar10_full, read_cifar10
+from ddpm.data.errors import ArchiveError, ChecksumError, DataError
 
 PER_BATCH = 40  # the fixture's batches: 4 images of each class, so 20 cars in the train set
 

@@ -11,15 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddpm.data import (
-    ChecksumError,
-    DownloadError,
-    OfflineError,
-    download,
-    md5sum,
-    resolve_source,
-)
-from ddpm.data.sources import CIFAR10, TINY_IMAGENET
+from ddpm.data.download import download, md5sum
+from ddpm.data.errors import ChecksumError, DownloadError, OfflineError
+from ddpm.data.sources import CIFAR10, TINY_IMAGENET, resolve_source
 
 DATA = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
 MD5 = hashlib.md5(DATA).hexdigest()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm.data import DataError
+from ddpm.data.errors import DataError
 from ddpm.data.imagefolder import image_folder, list_images
 
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.data import DataError, Extracted, load_prepared, read_manifest, write_prepared
 from ddpm.data import prepared as prepared_module
-from ddpm.data.split import make_split, seeded_split, val_count
+from ddpm.data.errors import DataError
+from ddpm.data.prepared import load_prepared, read_manifest, write_prepared
+from ddpm.data.split import Extracted, make_split, seeded_split, val_count
 
 
 def extracted(n: int = 10, fill: int = 0) -> Extracted:

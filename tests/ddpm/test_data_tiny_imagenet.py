@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from archives import TINY_COLOURS, TINY_WNIDS
 
-from ddpm.data import ArchiveError, DataError, DataRequest, build_dataset
+from ddpm.data.build import DataRequest, build_dataset
+from ddpm.data.errors import ArchiveError, DataError
 from ddpm.data.tiny_imagenet import tiny_imagenet
 
 WNIDS = sorted(TINY_WNIDS)

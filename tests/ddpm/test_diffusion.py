@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ddpm.config import DiffusionConfig
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion import GaussianDiffusion, posterior_coefficients
 
 
 def make(**kw) -> GaussianDiffusion:
@@ -29,26 +29,20 @@ def test_posterior_equals_bayes_rule_on_gaussians():
     betas = diffusion.betas.double()
     abar = diffusion.alphas_cumprod64
     t = torch.arange(1, 50)
-    x0 = torch.linspace(-1, 1, 49).reshape(-1, 1, 1, 1)
-    x_t = torch.linspace(2, -2, 49).reshape(-1, 1, 1, 1)
+    x0, x_t = torch.linspace(-1, 1, 49).double(), torch.linspace(2, -2, 49).double()
     alpha, abar_prev = 1 - betas[t], abar[t - 1]
     precision = 1 / (1 - abar_prev) + alpha / betas[t]
-    mean = (
-        abar_prev.sqrt() / (1 - abar_prev) * x0.flatten() + alpha.sqrt() / betas[t] * x_t.flatten()
-    )
-    mean = mean / precision
-    got = diffusion.q_posterior_mean_variance(x0.float(), x_t.float(), t)
-    torch.testing.assert_close(got.mean.flatten().double(), mean, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got.variance.flatten().double(), 1 / precision, rtol=1e-4, atol=0)
-    torch.testing.assert_close(got.log_variance_clipped.exp(), got.variance, rtol=1e-4, atol=0)
+    mean = (abar_prev.sqrt() / (1 - abar_prev) * x0 + alpha.sqrt() / betas[t] * x_t) / precision
+    got = posterior_coefficients(abar[t], abar_prev)
+    torch.testing.assert_close(got.coef_x0 * x0 + got.coef_xt * x_t, mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.variance, 1 / precision, rtol=1e-6, atol=0)
 
 
-def test_posterior_at_t0_returns_x0():
-    diffusion = make()
-    x0, x_t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    got = diffusion.q_posterior_mean_variance(x0, x_t, torch.zeros(2, dtype=torch.long))
-    torch.testing.assert_close(got.mean, x0)
-    assert bool((got.variance == 0).all())
+def test_posterior_to_the_clean_data_returns_x0():
+    """From t = 0 to the data (abar_{-1} = 1): mean x0, no variance."""
+    abar_0 = make().alphas_cumprod64[0]
+    got = posterior_coefficients(abar_0, torch.tensor(1.0, dtype=torch.float64))
+    assert (float(got.coef_x0), float(got.coef_xt), float(got.variance)) == (1.0, 0.0, 0.0)
 
 
 def test_eps_x0_v_conversions_round_trip():

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_unet
 from torch import nn
 
 from ddpm.config import UNetConfig
@@ -22,17 +23,10 @@ MULTS = {32: (1, 2), 64: (1, 2, 2)}
 
 
 def tiny_config(image_size: int = 32, **overrides) -> UNetConfig:
-    kwargs = {
-        "image_size": image_size,
-        "base_channels": 16,
-        "channel_mults": MULTS[image_size],
-        "num_res_blocks": 1,
-        "attention_resolutions": (16,),
-        "num_heads": 2,
-        "num_groups": 4,
-        "dropout": 0.0,
-    }
-    return UNetConfig(**(kwargs | overrides))
+    """The tests' tiny UNet at 32 or 64 px, with two heads and groups of four channels."""
+    shape = {"image_size": image_size, "channel_mults": MULTS[image_size]}
+    defaults = {"attention_resolutions": (16,), "num_heads": 2, "num_groups": 4}
+    return tiny_unet(**(shape | defaults | overrides))
 
 
 def perturb_(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
@@ -52,13 +46,20 @@ def inputs(config: UNetConfig, batch: int = 2, seed: int = 0):
     return x, t
 
 
+def tiny_net(*, perturbed: bool = True, image_size: int = 32, **overrides):
+    """(model, x, t): a tiny UNet, moved off its zero init unless asked, and inputs for it."""
+    config = tiny_config(image_size, **overrides)
+    model = UNet(config)
+    return (perturb_(model) if perturbed else model), *inputs(config)
+
+
 @pytest.mark.parametrize("num_classes", [None, 5])
 @pytest.mark.parametrize("attention_type", ["softmax", "linear"])
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_output_has_the_shape_of_the_input(image_size, attention_type, num_classes):
-    config = tiny_config(image_size, attention_type=attention_type, num_classes=num_classes)
-    model = perturb_(UNet(config))
-    x, t = inputs(config)
+    model, x, t = tiny_net(
+        image_size=image_size, attention_type=attention_type, num_classes=num_classes
+    )
     y = None if num_classes is None else torch.tensor([0, 4])
     out = model(x, t, y)
     assert out.shape == x.shape
@@ -80,9 +81,7 @@ def test_class_conditioning_adds_one_embedding_row_per_class_plus_the_null_class
 
 @pytest.mark.parametrize("attention_type", ["softmax", "linear"])
 def test_output_is_zero_at_initialisation(attention_type):
-    config = tiny_config(attention_type=attention_type)
-    model = UNet(config)
-    x, t = inputs(config)
+    model, x, t = tiny_net(perturbed=False, attention_type=attention_type)
     assert torch.equal(model(x, t), torch.zeros_like(x))
 
 
@@ -104,43 +103,33 @@ def test_every_parameter_gets_a_gradient_once_the_zero_initialised_layers_have_m
 
 
 def test_different_labels_give_different_outputs():
-    config = tiny_config(num_classes=3)
-    model = perturb_(UNet(config))
-    x, t = inputs(config)
+    model, x, t = tiny_net(num_classes=3)
     out0 = model(x, t, torch.tensor([0, 0]))
     out1 = model(x, t, torch.tensor([1, 1]))
     assert not torch.allclose(out0, out1, atol=1e-4)
 
 
 def test_missing_labels_mean_the_null_class():
-    config = tiny_config(num_classes=3)
-    model = perturb_(UNet(config))
-    x, t = inputs(config)
+    model, x, t = tiny_net(num_classes=3)
     assert model.null_class == 3
     null = torch.full((2,), model.null_class)
     torch.testing.assert_close(model(x, t), model(x, t, null))
 
 
 def test_unconditional_model_has_no_null_class_and_rejects_labels():
-    config = tiny_config()
-    model = UNet(config)
-    x, t = inputs(config)
+    model, x, t = tiny_net(perturbed=False)
     assert model.null_class is None
     with pytest.raises(ValueError, match="unconditional"):
         model(x, t, torch.tensor([0, 1]))
 
 
 def test_timesteps_may_be_integers_or_floats():
-    config = tiny_config()
-    model = perturb_(UNet(config))
-    x, t = inputs(config)
+    model, x, t = tiny_net()
     torch.testing.assert_close(model(x, t), model(x, t.float()))
 
 
 def test_inputs_of_the_wrong_shape_are_rejected():
-    config = tiny_config()
-    model = UNet(config)
-    x, t = inputs(config)
+    model, x, t = tiny_net(perturbed=False)
     with pytest.raises(AssertionError, match="in_channels"):
         model(x[:, :2], t)
     with pytest.raises(AssertionError, match="t must have shape"):
@@ -149,10 +138,8 @@ def test_inputs_of_the_wrong_shape_are_rejected():
 
 @pytest.mark.parametrize("attention_type", ["softmax", "linear"])
 def test_channels_last_gives_the_same_output_and_gradients_as_contiguous(attention_type):
-    config = tiny_config(attention_type=attention_type, num_heads=1)
-    model = perturb_(UNet(config))
+    model, x, t = tiny_net(attention_type=attention_type, num_heads=1)
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    x, t = inputs(config)
     out = model(x, t)
     out_cl = model_cl(x.contiguous(memory_format=torch.channels_last), t)
     torch.testing.assert_close(out_cl, out, atol=1e-5, rtol=1e-4)
@@ -178,9 +165,7 @@ def test_bf16_autocast_trains(attention_type):
 
 
 def test_dropout_acts_in_training_only():
-    config = tiny_config(dropout=0.5)
-    model = perturb_(UNet(config))
-    x, t = inputs(config)
+    model, x, t = tiny_net(dropout=0.5)
     model.eval()
     torch.testing.assert_close(model(x, t), model(x, t))
     model.train()

@@ -10,6 +10,21 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied key by key, nested sections merged."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def project_params(overrides: dict) -> dict:
+    """The project's params.yaml (every key is required) with ``overrides`` applied."""
+    return merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+
 
 def prepare_split(root: Path, params: dict) -> Path:
     """Run the real ``prepare`` stage with ``params`` in ``root``; return the prepared folder."""

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from stages import project_params
 from typer.testing import CliRunner
 
-import ddpm.data
-from ddpm.data import DATASETS, load_prepared
+import ddpm.data.download as downloads
+from ddpm.data.prepared import load_prepared
+from ddpm.data.sources import DATASETS
 from pipeline.cli import app
 from pipeline.settings import DatasetName
 
@@ -22,12 +24,12 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """The stage's downloads retry at once instead of after 1, 2, 4, 8 s."""
-    monkeypatch.setattr(ddpm.data, "download", functools.partial(ddpm.data.download, backoff=0.0))
+    monkeypatch.setattr(downloads, "download", functools.partial(downloads.download, backoff=0.0))
 
 
 def write_params(tmp_path: Path, **params: object) -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path.write_text(yaml.safe_dump(project_params(params)))
     return path
 
 

@@ -18,7 +18,7 @@ import torch_fidelity
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from stages import prepare_split
+from stages import prepare_split, project_params
 from typer.testing import CliRunner
 
 from ddpm.data.prepared import load_prepared
@@ -27,15 +27,17 @@ from pipeline.cli import app
 
 runner = CliRunner()
 
-PARAMS = {
-    "dataset": "synthetic",
-    "image_size": 16,
-    "seed": 0,
-    "data": {"num_images": 16, "val_fraction": 0.25},  # train 12, val 4
-    "diffusion": {"timesteps": 20},
-    "sample": {"steps": 4, "num_images": 12, "batch_size": 12, "gif_images": 2},
-    "evaluate": {"kid_subset_size": 8, "kid_subsets": 10, "isc_splits": 2, "batch_size": 12},
-}
+PARAMS = project_params(
+    {
+        "dataset": "synthetic",
+        "image_size": 16,
+        "seed": 0,
+        "data": {"num_images": 16, "val_fraction": 0.25},  # train 12, val 4
+        "diffusion": {"timesteps": 20},
+        "sample": {"steps": 4, "num_images": 12, "batch_size": 12, "gif_images": 2},
+        "evaluate": {"kid_subset_size": 8, "kid_subsets": 10, "isc_splits": 2, "batch_size": 12},
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +106,9 @@ def test_fid_of_a_set_against_itself_is_zero_and_of_generated_samples_larger(
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
     assert run.data.tags["stage.evaluate"] == "done" and run.data.tags["stage.sample"] == "done"
-    assert run.data.metrics["fid"] == pytest.approx(other["fid"])
-    assert run.data.metrics["eval_num_images"] == 12 and "isc_mean" in run.data.metrics
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "fid")] == [
+    assert run.data.metrics["eval/fid"] == pytest.approx(other["fid"])
+    assert run.data.metrics["eval/num_images"] == 12 and "eval/isc_mean" in run.data.metrics
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval/fid")] == [
         pytest.approx(same["fid"]),
         pytest.approx(other["fid"]),
     ]
@@ -135,23 +137,24 @@ def test_missing_weights_on_an_offline_machine_name_both_ways(project, monkeypat
 
 
 @pytest.mark.parametrize(
-    ("evaluate_params", "samples", "message"),
+    ("evaluate_params", "samples", "message", "code"),
     [
-        ({"reference_split": "val"}, 12, "kid_subset_size=8 is more than the 12 samples or the 4"),
-        ({}, 1, "at least 2 images are needed on each side; got 1 samples"),
-        ({}, 0, "holds no samples (no manifest.json); run `pipeline sample`"),
-        ({"kid_subset_size": 30}, 12, "evaluate.kid_subset_size=30 is more than sample.num_im"),
-        ({"fid": False, "isc": False, "kid": False}, 12, "every evaluate metric is off"),
+        ({"reference_split": "val"}, 12, "kid_subset_size=8 is more than the 12 samples or the", 1),
+        ({}, 1, "at least 2 images are needed on each side; got 1 samples", 1),
+        ({}, 0, "holds no samples (no manifest.json); run `pipeline sample`", 1),
+        ({"kid_subset_size": 30}, 12, "evaluate.kid_subset_size=30 is more than sample.num_im", 2),
+        ({"fid": False, "isc": False, "kid": False}, 12, "every evaluate metric is off", 2),
     ],
 )
-def test_bad_inputs_are_refused_before_any_work(project, evaluate_params, samples, message):
+def test_bad_inputs_are_refused_before_any_work(project, evaluate_params, samples, message, code):
+    """A bad params.yaml exits 2 (as in every stage), bad data 1; neither starts any work."""
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["evaluate"].update(evaluate_params)
     Path("params.yaml").write_text(yaml.safe_dump(params))
     if samples:
         write_samples(project / "samples", load_prepared(Path("data/prepared")).images[:samples])
     result = runner.invoke(app, ["evaluate"])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (project / "data" / "fidelity_cache").exists()
 

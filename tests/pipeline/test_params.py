@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 from pydantic import BaseModel
+from typer.testing import CliRunner
 
-from pipeline.settings import Params, ParamsError, load_params
+from ddpm.config import (
+    DiffusionConfig,
+    EMAConfig,
+    SamplerConfig,
+    SamplerName,
+    ScheduleName,
+    Spacing,
+    TrainConfig,
+    UNetConfig,
+)
+from ddpm.data.sources import DATASETS
+from ddpm.samplers import SAMPLERS, SPACINGS
+from ddpm.schedules import SCHEDULES
+from pipeline.cli import app
+from pipeline.settings import DatasetName, Params, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,3 +105,44 @@ def test_an_override_reaches_the_code(tmp_path):
 def test_a_missing_params_file_is_named(tmp_path):
     with pytest.raises(ParamsError, match="no such params file"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_a_missing_key_is_refused_naming_it(tmp_path):
+    """params.yaml is the one source: no default may stand in for a key it lacks."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw["train"]["steps"], raw["sample"]["eta"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"missing keys \['train.steps', 'sample.eta'\]"):
+        load_params(path)
+
+
+def test_the_library_defaults_are_the_params_yaml_values():
+    """ddpm's configs default to the experiment params.yaml states, so the two cannot tell
+    different stories (the pipeline itself never uses a default: see the test above)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    model = {k: v for k, v in raw["model"].items() if k != "conditional"}
+    unet = UNetConfig().model_dump(mode="json")
+    assert unet == {**model, "image_size": raw["image_size"], "in_channels": 3, "num_classes": None}
+    diffusion = {**raw["diffusion"], "schedule": raw["schedule"]}
+    assert DiffusionConfig().model_dump(mode="json") == diffusion
+    assert TrainConfig().model_dump(mode="json") == raw["train"]
+    assert EMAConfig().model_dump(mode="json") == raw["ema"]
+    sampler = SamplerConfig().model_dump(mode="json")
+    assert sampler == {k: raw["sample"][k] for k in sampler}
+
+
+def test_every_choice_list_is_its_registry():
+    """A name the settings accept is a name the code can run, and the other way round."""
+    assert set(get_args(ScheduleName)) == set(SCHEDULES)
+    assert set(get_args(SamplerName)) == set(SAMPLERS)
+    assert set(get_args(Spacing)) == set(SPACINGS)
+    assert set(get_args(DatasetName)) == set(DATASETS)
+
+
+@pytest.mark.parametrize("stage", ["download", "prepare", "train", "sample", "evaluate"])
+def test_a_bad_params_file_exits_2_in_every_stage(tmp_path, stage):
+    path = write(tmp_path, train__lr=-1.0)
+    result = CliRunner().invoke(app, [stage, "--params", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "train.lr" in result.output and "Traceback" not in result.output

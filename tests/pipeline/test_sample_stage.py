@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from stages import prepare_split
+from stages import prepare_split, project_params
 from typer.testing import CliRunner
 
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
@@ -22,24 +22,26 @@ from pipeline.cli import app
 
 runner = CliRunner()
 
-PARAMS = {
-    "dataset": "synthetic",
-    "image_size": 16,
-    "seed": 0,
-    "data": {"num_images": 30},
-    "diffusion": {"timesteps": 20},
-    "sample": {
-        "sampler": "ddim",
-        "steps": 4,
-        "num_images": 7,
-        "batch_size": 2,
-        "grid_images": 4,
-        "gif_images": 3,
-        "gif_frames": 3,
-        "interpolation_steps": 4,
-    },
-    "evaluate": {"kid_subset_size": 4, "isc_splits": 2},
-}
+PARAMS = project_params(
+    {
+        "dataset": "synthetic",
+        "image_size": 16,
+        "seed": 0,
+        "data": {"num_images": 30},
+        "diffusion": {"timesteps": 20},
+        "sample": {
+            "sampler": "ddim",
+            "steps": 4,
+            "num_images": 7,
+            "batch_size": 2,
+            "grid_images": 4,
+            "gif_images": 3,
+            "gif_frames": 3,
+            "interpolation_steps": 4,
+        },
+        "evaluate": {"kid_subset_size": 4, "isc_splits": 2},
+    }
+)
 STEPS = {"ddpm": 20, "ddim": 4, "dpm-solver": 4}
 
 
@@ -115,7 +117,7 @@ def test_the_run_logs_the_figures_to_mlflow(project, monkeypatch):
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
     assert run.data.tags["stage.sample"] == "done" and run.data.params["sample.steps"] == "4"
-    assert run.data.metrics["sample_images_per_second"] > 0
+    assert run.data.metrics["sample/images_per_second"] > 0
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/grid.png", "samples/denoising.gif", "samples/figures"} <= logged
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "samples/figures")}
@@ -172,18 +174,19 @@ def test_a_conditional_model_samples_the_chosen_classes(project, tiny_checkpoint
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("change", "message", "code"),
     [
-        ({"delete": True}, "models/ema.pt: no such checkpoint; train first"),
-        ({"weights": "raw"}, "models/ema.pt holds no raw weights"),
-        ({"classes": [1]}, "sample.classes: classes [1] were given, but the model is uncond"),
-        ({"guidance_scale": 3.0}, "needs a class-conditional model"),
-        ({"steps": 21}, "sample.steps=21 is more than diffusion.timesteps=20"),
-        ({"sampler": "euler"}, "sample.sampler"),
-        ({"nan": True}, "produced NaN or inf values for images [0, 1]"),
+        ({"delete": True}, "models/ema.pt: no such checkpoint; train first", 1),
+        ({"weights": "raw"}, "models/ema.pt holds no raw weights", 1),
+        ({"classes": [1]}, "sample.classes: classes [1] were given, but the model is uncond", 2),
+        ({"guidance_scale": 3.0}, "needs a class-conditional model", 2),
+        ({"steps": 21}, "sample.steps=21 is more than diffusion.timesteps=20", 2),
+        ({"sampler": "euler"}, "sample.sampler", 2),
+        ({"nan": True}, "produced NaN or inf values for images [0, 1]", 1),
     ],
 )
-def test_bad_checkpoints_and_params_exit_with_one_clear_line(project, change, message):
+def test_bad_checkpoints_and_params_exit_with_one_clear_line(project, change, message, code):
+    """Params that do not fit exit 2 (as in every stage), a bad checkpoint 1."""
     if change.pop("delete", False):
         (project / "models" / "ema.pt").unlink()
     if change.pop("nan", False):
@@ -192,6 +195,6 @@ def test_bad_checkpoints_and_params_exit_with_one_clear_line(project, change, me
         save_checkpoint(ckpt, project / "models" / "ema.pt")
     set_params(project, **change)
     result = runner.invoke(app, ["sample"])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (project / "samples").exists() and not (project / ".samples.tmp").exists()

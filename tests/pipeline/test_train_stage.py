@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from stages import prepare_split
+from stages import prepare_split, project_params
 from typer.testing import CliRunner
 
 from ddpm.checkpoint import load_checkpoint
@@ -23,32 +23,35 @@ from pipeline.cli import app
 
 runner = CliRunner()
 
-PARAMS = {
-    "dataset": "synthetic",
-    "image_size": 16,
-    "seed": 0,
-    "data": {"num_images": 120},
-    "model": {
-        "base_channels": 16,
-        "channel_mults": [1, 2],
-        "num_res_blocks": 1,
-        "attention_resolutions": [8],
-        "num_groups": 8,
-    },
-    "diffusion": {"timesteps": 50},
-    "train": {
-        "steps": 8,
-        "batch_size": 4,
-        "warmup_steps": 2,
-        "val_every": 4,
-        "checkpoint_every": 4,
-        "sample_every": 8,
-        "sample_images": 4,
-        "sample_steps": 3,
-        "val_images": 8,
-        "val_timesteps": 2,
-    },
-}
+PARAMS = project_params(
+    {
+        "dataset": "synthetic",
+        "image_size": 16,
+        "seed": 0,
+        "data": {"num_images": 120},
+        "model": {
+            "base_channels": 16,
+            "channel_mults": [1, 2],
+            "num_res_blocks": 1,
+            "attention_resolutions": [8],
+            "num_groups": 8,
+        },
+        "diffusion": {"timesteps": 50},
+        "sample": {"steps": 10},
+        "train": {
+            "steps": 8,
+            "batch_size": 4,
+            "warmup_steps": 2,
+            "val_every": 4,
+            "checkpoint_every": 4,
+            "sample_every": 8,
+            "sample_images": 4,
+            "sample_steps": 3,
+            "val_images": 8,
+            "val_timesteps": 2,
+        },
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +86,10 @@ def check_run(uri: str, tmp_path: Path) -> None:
     assert run.data.params["train.steps"] == "8" and run.data.params["schedule"] == "linear"
     assert run.data.params["model.channel_mults"] == "[1, 2]"
     assert run.data.tags["git_commit"] and run.data.tags["stage.train"] == "done"
-    assert run.data.metrics["final_steps"] == 8
-    history = client.get_metric_history(run.info.run_id, "loss")
+    assert run.data.metrics["train/steps"] == 8
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [4, 8]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [4, 8]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/val_loss")] == [4, 8]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"weights", "previews", "curves"} <= artifacts
     local = client.download_artifacts(run.info.run_id, "weights/ema.pt", str(tmp_path / "dl"))
@@ -198,3 +201,23 @@ def test_ddp_with_two_gloo_processes_trains_and_only_rank_zero_writes(project):
     runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
     assert len(runs) == 1
     assert torch.isfinite(torch.tensor(summary["final_val_loss"]))
+
+
+def test_in_a_log_training_prints_plain_progress_lines_and_its_cost(project):
+    """stderr redirected, as under dvc repro or CI: no carriage-return bar updates, a line every
+    5% at most, and before the long part a line that says what the run will cost."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(steps=200, val_every=100, checkpoint_every=100, sample_every=200)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "DDPM_DEVICE": "cpu"}
+    with open(project / "train.log", "w") as log:
+        cmd = [sys.executable, "-m", "pipeline.cli", "train"]
+        done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    text = (project / "train.log").read_text()
+    assert done.returncode == 0, text
+    assert "\r" not in text
+    progress = [line for line in text.splitlines() if line.startswith("train: ")]
+    assert 2 <= len(progress) <= 21, progress
+    assert progress[-1].startswith("train: 200/200 step (100%)") and "ETA" in progress[0]
+    (cost,) = [line for line in text.splitlines() if line.startswith("cost: ")]
+    assert "200 steps, 194 to go at" in cost and "s/step on cpu" in cost
