@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm.config import UNetConfig
+from ddpm.diffusers_format import unet_config_to_diffusers
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import ddim_sample, ddpm_sample, dpm_solver_sample
 from ddpm.train import draw_batch
@@ -137,24 +138,10 @@ class DiffusersUNet(nn.Module):
             from diffusers import UNet2DModel
         except ImportError as err:
             raise SystemExit("diffusers is missing: pip install -e '.[bench]'") from err
-        assert config.num_heads == 1, "diffusers' default (head dim = channels) is one head"
-        attn = config.attention_resolutions
-        down = tuple("AttnDownBlock2D" if r in attn else "DownBlock2D" for r in config.resolutions)
-        self.net = UNet2DModel(
-            sample_size=config.image_size,
-            in_channels=config.in_channels,
-            out_channels=config.in_channels,
-            block_out_channels=tuple(config.base_channels * m for m in config.channel_mults),
-            layers_per_block=config.num_res_blocks,
-            down_block_types=down,
-            up_block_types=tuple(name.replace("Down", "Up") for name in reversed(down)),
-            norm_num_groups=config.num_groups,
-            dropout=config.dropout,
-            # DDPM's embedding: [sin, cos] with frequencies 10000^(-i / (half - 1)).
-            time_embedding_type="positional",
-            flip_sin_to_cos=False,
-            freq_shift=1,
-        )
+        # The same function as our UNet, not only the same parameter count (tested in
+        # tests/ddpm/test_diffusers_format.py): the paper's padding, epsilon and embedding.
+        config_json = unet_config_to_diffusers(config)
+        self.net = UNet2DModel(**{k: v for k, v in config_json.items() if not k.startswith("_")})
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W), t (B,) -> (B, C, H, W)."""

@@ -38,6 +38,9 @@ from ddpm.files import temporary_sibling
 from ddpm.unet import UNet
 
 CHECKPOINT_VERSION = 1
+# UNet fields added after version 1 files were written, with the values those files were
+# trained with: an old checkpoint keeps its function instead of taking the new defaults.
+LEGACY_UNET = {"norm_eps": 1e-5, "downsample_padding": "symmetric", "time_freq_shift": 1.0}
 Weights = Literal["ema", "raw"]
 _STATE_KEY = {"ema": "ema", "raw": "model"}
 
@@ -103,10 +106,15 @@ def configs_to_json(
     return {k: c.model_dump(mode="json") for k, c in configs.items() if c is not None}
 
 
+def saved_unet(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's UNet config as JSON, fields it predates filled with their old values."""
+    return {**LEGACY_UNET, **ckpt["config"]["unet"]}
+
+
 def configs_from_checkpoint(ckpt: dict[str, Any]) -> tuple[UNetConfig, DiffusionConfig]:
     """The model and diffusion configs a checkpoint was trained with."""
     return (
-        UNetConfig.model_validate(ckpt["config"]["unet"]),
+        UNetConfig.model_validate(saved_unet(ckpt)),
         DiffusionConfig.model_validate(ckpt["config"]["diffusion"]),
     )
 
@@ -117,7 +125,7 @@ def config_differences(
     """Fields whose value in the checkpoint differs from the given configs, as text lines."""
     lines = []
     for section, config in configs_to_json(unet, diffusion).items():
-        saved = ckpt["config"][section]
+        saved = saved_unet(ckpt) if section == "unet" else ckpt["config"][section]
         for key, value in config.items():
             if saved.get(key) != value:
                 lines.append(f"{section}.{key}: checkpoint {saved.get(key)!r}, params {value!r}")

@@ -18,6 +18,7 @@ ScheduleName = Literal["linear", "cosine", "sigmoid"]
 Prediction = Literal["eps", "x0", "v"]
 LossType = Literal["l2", "l1"]
 AttentionType = Literal["softmax", "linear"]
+DownsamplePadding = Literal["asymmetric", "symmetric"]
 SamplerName = Literal["ddpm", "ddim", "dpm-solver"]
 Spacing = Literal["leading", "linspace", "trailing"]
 Variance = Literal["posterior", "beta"]
@@ -50,6 +51,20 @@ class UNetConfig(_Frozen):
     num_heads: int = Field(1, ge=1, description="Attention heads.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in the residual blocks.")
     num_groups: int = Field(32, ge=1, description="GroupNorm groups.")
+    norm_eps: float = Field(
+        1e-6, gt=0.0, description="GroupNorm epsilon: 1e-6 in the paper's code, 1e-5 in torch's."
+    )
+    downsample_padding: DownsamplePadding = Field(
+        "asymmetric",
+        description="Stride-2 downsampling conv: pad only right and bottom by one (the paper's "
+        "TF code; diffusers' downsample_padding=0) or one on every side (improved-diffusion).",
+    )
+    time_freq_shift: float = Field(
+        1.0,
+        ge=0.0,
+        description="Timestep embedding frequencies 10000^(-i / (half - shift)): the paper's code "
+        "uses 1 (diffusers' freq_shift), Transformer-style encodings 0.",
+    )
     num_classes: int | None = Field(
         None, ge=1, description="Classes for conditioning; None for an unconditional model."
     )

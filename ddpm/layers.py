@@ -62,19 +62,20 @@ class SinusoidalEmbedding(nn.Module):
     """Transformer positional encoding of the timestep (Vaswani et al. 2017, Ho et al. 2020).
 
     emb(t) = [sin(t w_0), ..., sin(t w_{h-1}), cos(t w_0), ..., cos(t w_{h-1})] with
-    w_i = 10000^(-i / (h - 1)) and h = dim // 2, as in the DDPM reference code; an odd ``dim``
-    gets a trailing zero.
+    w_i = 10000^(-i / (h - shift)) and h = dim // 2; the DDPM reference code has shift 1
+    (diffusers' ``freq_shift``). An odd ``dim`` gets a trailing zero.
     """
 
     freqs: torch.Tensor
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, shift: float = 1.0) -> None:
         super().__init__()
         if dim < 2:
             raise ValueError(f"timestep embedding dim must be at least 2; got {dim}")
         self.dim = dim
         half = dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / max(half - 1, 1))
+        denominator = half - shift if half - shift > 0 else 1.0
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / denominator)
         # A fixed table, not a parameter: derived from dim, so kept out of the checkpoint.
         self.register_buffer("freqs", freqs.float(), persistent=False)
 
@@ -88,9 +89,9 @@ class SinusoidalEmbedding(nn.Module):
 class TimestepEmbedding(nn.Module):
     """Sinusoidal embedding of t, then Linear(dim, 4 dim) - SiLU - Linear(4 dim, 4 dim)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, shift: float = 1.0) -> None:
         super().__init__()
-        self.sinusoidal = SinusoidalEmbedding(dim)
+        self.sinusoidal = SinusoidalEmbedding(dim, shift)
         self.linear1 = nn.Linear(dim, 4 * dim)
         self.linear2 = nn.Linear(4 * dim, 4 * dim)
 
@@ -107,13 +108,19 @@ class ResBlock(nn.Module):
     """
 
     def __init__(
-        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, num_groups: int = 32
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_dim: int,
+        dropout: float = 0.0,
+        num_groups: int = 32,
+        eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(num_groups, in_ch)
+        self.norm1 = nn.GroupNorm(num_groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(num_groups, out_ch)
+        self.norm2 = nn.GroupNorm(num_groups, out_ch, eps=eps)
         self.dropout = Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -140,11 +147,13 @@ class Attention(nn.Module):
     zero-initialised 1x1 output projection.
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32) -> None:
+    def __init__(
+        self, channels: int, num_heads: int = 1, num_groups: int = 32, eps: float = 1e-6
+    ) -> None:
         super().__init__()
         assert channels % num_heads == 0, f"{num_heads} heads do not divide {channels} channels"
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.norm = nn.GroupNorm(num_groups, channels, eps=eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -186,15 +195,21 @@ class LinearAttention(Attention):
 
 
 class Downsample(nn.Module):
-    """Halve the resolution with a stride-2 3x3 conv."""
+    """Halve the resolution with a stride-2 3x3 conv.
 
-    def __init__(self, channels: int) -> None:
+    ``asymmetric`` pads one row and column at the bottom and right only, as the DDPM paper's
+    TF code ("SAME" padding for stride 2) does; ``symmetric`` pads one on every side. The two
+    see the image shifted by a pixel: the same parameters, not the same function.
+    """
+
+    def __init__(self, channels: int, padding: str = "asymmetric") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.asymmetric = padding == "asymmetric"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.asymmetric else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H / 2, W / 2)."""
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
 class Upsample(nn.Module):

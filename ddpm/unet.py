@@ -54,14 +54,18 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         ch, emb_dim, groups = config.base_channels, 4 * config.base_channels, config.num_groups
+        eps = config.norm_eps
         attn_cls = LinearAttention if config.attention_type == "linear" else Attention
+
+        def res(in_ch: int, out_ch: int) -> ResBlock:
+            return ResBlock(in_ch, out_ch, emb_dim, config.dropout, groups, eps)
 
         def block(in_ch: int, out_ch: int, resolution: int) -> ResAttnBlock:
             with_attn = resolution in config.attention_resolutions
-            attn = attn_cls(out_ch, config.num_heads, groups) if with_attn else None
-            return ResAttnBlock(ResBlock(in_ch, out_ch, emb_dim, config.dropout, groups), attn)
+            attn = attn_cls(out_ch, config.num_heads, groups, eps) if with_attn else None
+            return ResAttnBlock(res(in_ch, out_ch), attn)
 
-        self.time_embed = TimestepEmbedding(ch)
+        self.time_embed = TimestepEmbedding(ch, config.time_freq_shift)
         # One row more than there are classes: the null class of classifier-free guidance.
         n_cls = config.num_classes
         self.class_embed = nn.Embedding(n_cls + 1, emb_dim) if n_cls is not None else None
@@ -79,12 +83,12 @@ class UNet(nn.Module):
                 skip_chs.append(in_ch)
             self.down.append(blocks)
             if level < len(widths) - 1:
-                self.downsample.append(Downsample(in_ch))
+                self.downsample.append(Downsample(in_ch, config.downsample_padding))
                 skip_chs.append(in_ch)
 
-        self.mid_block1 = ResBlock(in_ch, in_ch, emb_dim, config.dropout, groups)
-        self.mid_attn = attn_cls(in_ch, config.num_heads, groups)
-        self.mid_block2 = ResBlock(in_ch, in_ch, emb_dim, config.dropout, groups)
+        self.mid_block1 = res(in_ch, in_ch)
+        self.mid_attn = attn_cls(in_ch, config.num_heads, groups, eps)
+        self.mid_block2 = res(in_ch, in_ch)
 
         # Up path, from the lowest resolution: every block concatenates one skip.
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
@@ -99,7 +103,7 @@ class UNet(nn.Module):
                 self.upsample.append(Upsample(in_ch))
         assert not skip_chs, "every down-path activation must be consumed by the up path"
 
-        self.norm_out = nn.GroupNorm(groups, in_ch)
+        self.norm_out = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv_out = zero_init(nn.Conv2d(in_ch, config.in_channels, 3, padding=1))
 
     @property

@@ -106,6 +106,30 @@ def evaluate(
     evaluate_stage(params, data, samples, metrics)
 
 
+@app.command()
+def convert(
+    from_diffusers: Path | None = typer.Option(
+        None, help="A diffusers UNet2DModel folder (config.json + weights) to import."
+    ),
+    out: Path | None = typer.Option(None, help="With --from-diffusers: the weights file to write."),
+    to_diffusers: Path | None = typer.Option(
+        None, help="Write our weights as a diffusers DDPMPipeline folder here."
+    ),
+    weights: Path = typer.Option(
+        Path("models/ema.pt"), help="With --to-diffusers: our weights file to export."
+    ),
+    which: str = typer.Option("ema", help="With --to-diffusers: ema or raw weights."),
+) -> None:
+    """Published weights in, ours out: the diffusers folder layout, converted exactly.
+
+    pipeline convert --from-diffusers ddpm-cifar10-32/ --out models/ema.pt imports the DDPM
+    paper's CIFAR-10 model; pipeline convert --to-diffusers export/ writes ours for diffusers.
+    """
+    from pipeline.convert import convert_stage
+
+    convert_stage(from_diffusers, to_diffusers, out, weights, which)
+
+
 def main() -> None:
     app()
 

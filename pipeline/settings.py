@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ddpm.config import (
     AttentionType,
     DiffusionConfig,
+    DownsamplePadding,
     EMAConfig,
     LossType,
     Prediction,
@@ -73,6 +74,11 @@ class ModelParams(Section):
     num_heads: int = Field(ge=1)
     dropout: float = Field(ge=0.0, lt=1.0)
     num_groups: int = Field(ge=1)
+    norm_eps: float = Field(gt=0.0, description="GroupNorm epsilon (the paper: 1e-6).")
+    downsample_padding: DownsamplePadding = Field(
+        description="asymmetric (the paper) or symmetric."
+    )
+    time_freq_shift: float = Field(ge=0.0, description="Timestep embedding shift (the paper: 1).")
     conditional: bool = Field(description="Class-conditional (labels from the data set).")
 
 

@@ -31,16 +31,21 @@ def imported_with(args: list[str], code: int = 0) -> tuple[str, set[str]]:
     return done.stdout + done.stderr, {line.strip().split(".")[0] for line in lines}
 
 
-@pytest.mark.parametrize("stage", ["", "download", "prepare", "train", "sample", "evaluate"])
+@pytest.mark.parametrize(
+    "stage", ["", "download", "prepare", "train", "sample", "evaluate", "convert"]
+)
 def test_help_answers_without_importing_torch_mlflow_or_torch_fidelity(stage):
     text, packages = imported_with([stage, "--help"] if stage else ["--help"])
     assert "Usage:" in text and "--help" in text
     assert "typer" in packages  # the check sees imports at all
     assert not packages & HEAVY, sorted(packages & HEAVY)
-    if stage:
+    if stage == "convert":
+        assert "--from-diffusers" in text and "--to-diffusers" in text
+    elif stage:
         assert "--params" in text
     else:
-        assert all(s in text for s in ("download", "prepare", "train", "sample", "evaluate"))
+        commands = ("download", "prepare", "train", "sample", "evaluate", "convert")
+        assert all(s in text for s in commands)
 
 
 def test_a_stage_that_runs_does_import_torch():
