@@ -20,7 +20,7 @@ LossType = Literal["l2", "l1"]
 AttentionType = Literal["softmax", "linear"]
 DownsamplePadding = Literal["asymmetric", "symmetric"]
 SamplerName = Literal["ddpm", "ddim", "dpm-solver"]
-Spacing = Literal["leading", "linspace", "trailing"]
+Spacing = Literal["leading", "linspace", "trailing", "quadratic", "logsnr"]
 Variance = Literal["posterior", "beta"]
 
 
@@ -178,7 +178,12 @@ class SamplerConfig(_Frozen):
     )
     steps: int = Field(100, ge=1, description="Network evaluations per image, at most T.")
     eta: float = Field(0.0, ge=0.0, description="ddim: 0 deterministic, 1 like ddpm.")
-    spacing: Spacing = Field("trailing", description="Which timesteps the steps visit.")
+    spacing: Spacing = Field(
+        "trailing",
+        description="Which timesteps the steps visit: leading, linspace, trailing; quadratic "
+        "(the DDIM paper's CIFAR-10 steps) or logsnr (uniform in log-SNR, DPM-Solver's), which "
+        "visit a repeated timestep once, so they may take fewer network evaluations than steps.",
+    )
     variance: Variance = Field("posterior", description="ddpm: beta-tilde or beta.")
     clip_x0: bool = Field(True, description="Clamp the predicted x0 to [-1, 1] at every step.")
     guidance_scale: float = Field(

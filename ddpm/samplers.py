@@ -28,41 +28,76 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 """One generator for the batch, one per image (row), or None for the global generator."""
 
 
-def _leading(num_timesteps: int, steps: int) -> np.ndarray:
+def _leading(num_timesteps: int, steps: int, log_snr: np.ndarray | None) -> np.ndarray:
     """0, k, 2k, .. with k = T // steps (DDIM paper); never reaches T-1."""
     return np.arange(steps) * (num_timesteps // steps)
 
 
-def _linspace(num_timesteps: int, steps: int) -> np.ndarray:
+def _linspace(num_timesteps: int, steps: int, log_snr: np.ndarray | None) -> np.ndarray:
     """round(linspace(0, T-1, steps)): both ends of the chain."""
     return np.linspace(0, num_timesteps - 1, steps).round()
 
 
-def _trailing(num_timesteps: int, steps: int) -> np.ndarray:
+def _trailing(num_timesteps: int, steps: int, log_snr: np.ndarray | None) -> np.ndarray:
     """round(arange(T, 0, -T/steps)) - 1 (Lin et al. 2023, table 2): always starts at T-1."""
     return np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)) - 1
 
 
-SPACINGS: dict[str, Callable[[int, int], np.ndarray]] = {
+def _quadratic(num_timesteps: int, steps: int, log_snr: np.ndarray | None) -> np.ndarray:
+    """int(linspace(0, sqrt(0.8 T), steps)^2): the DDIM paper's CIFAR-10 steps (Song et al.
+    2020, Table 1; ``skip_type="quad"`` in the authors' code). Dense near the data, and never
+    past 0.8 T: the last fifth of the chain is not visited at all."""
+    return (np.linspace(0, np.sqrt(0.8 * num_timesteps), steps) ** 2).astype(np.int64)
+
+
+def _logsnr(num_timesteps: int, steps: int, log_snr: np.ndarray | None) -> np.ndarray:
+    """Uniform in log-SNR lambda_t = log(abar_t / (1 - abar_t)) / 2 between the chain's ends,
+    each rounded to the nearest timestep (DPM-Solver's choice for low resolutions, Lu et al.
+    2022, sec. 3.3 and appendix D)."""
+    if log_snr is None:
+        raise ValueError("logsnr spacing needs the schedule: pass alphas_cumprod")
+    targets = np.linspace(log_snr[-1], log_snr[0], steps)  # lambda falls as t grows
+    t = np.arange(num_timesteps, dtype=np.float64)
+    return np.round(np.interp(targets, log_snr[::-1], t[::-1]))
+
+
+SPACINGS: dict[str, Callable[[int, int, np.ndarray | None], np.ndarray]] = {
     "leading": _leading,
     "linspace": _linspace,
     "trailing": _trailing,
+    "quadratic": _quadratic,
+    "logsnr": _logsnr,
 }
 
 
-def make_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "trailing") -> torch.Tensor:
-    """The timesteps a sampler visits, in decreasing order. Shape (steps,), int64.
+def make_timesteps(
+    num_timesteps: int,
+    steps: int,
+    spacing: Spacing = "trailing",
+    alphas_cumprod: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The distinct timesteps a sampler visits, in decreasing order. Shape (n,), int64.
 
-    ``spacing`` names a rule of :data:`SPACINGS`.
+    ``spacing`` names a rule of :data:`SPACINGS`; ``logsnr`` needs the schedule's
+    ``alphas_cumprod`` (T,). n = steps for leading, linspace and trailing; quadratic and
+    logsnr crowd near t = 0, and a timestep they name twice is visited once, so n can be less
+    (quadratic: 49 of 50 and 96 of 100 at T = 1000). For quadratic that is exactly the DDIM
+    authors' sampler, whose repeated steps are no-ops at eta = 0, at fewer network evaluations.
+
+    Raises:
+        ValueError: a step count out of range, or an unknown spacing.
     """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be between 1 and T={num_timesteps}; got {steps}")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {sorted(SPACINGS)}")
-    ts = SPACINGS[spacing](num_timesteps, steps)
-    ts = np.unique(ts.astype(np.int64))[::-1].copy()
-    assert len(ts) == steps and ts[0] < num_timesteps and ts[-1] >= 0, ts
-    return torch.from_numpy(ts)
+    log_snr = None
+    if alphas_cumprod is not None:
+        abar = alphas_cumprod.double().cpu().numpy()
+        log_snr = 0.5 * np.log(abar / (1 - abar))
+    ts = np.unique(SPACINGS[spacing](num_timesteps, steps, log_snr).astype(np.int64))[::-1]
+    assert ts[0] < num_timesteps and ts[-1] >= 0 and len(ts) <= steps, ts
+    return torch.from_numpy(ts.copy())
 
 
 def randn(
@@ -206,7 +241,12 @@ def ddpm_sample(
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling over all T steps (or ``steps`` respaced ones). Returns x0 (B, C, H, W)."""
-    timesteps = make_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing)
+    timesteps = make_timesteps(
+        diffusion.num_timesteps,
+        steps or diffusion.num_timesteps,
+        spacing,
+        diffusion.alphas_cumprod64,
+    )
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "ddpm")):
         x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. predict x0
@@ -237,7 +277,7 @@ def ddim_sample(
     """DDIM sampling (Song et al. 2020) over ``steps`` timesteps. Returns x0 (B, C, H, W)."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0; got {eta}")
-    timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing)
+    timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing, diffusion.alphas_cumprod64)
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "ddim")):
         x0, eps = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. predict
@@ -272,7 +312,7 @@ def dpm_solver_sample(
     x0 on the first step and the second-order combination (1 + 1/2r) x0 - 1/2r x0_last after.
     The last step, to t = -1 (sigma = 0), returns the predicted x0 itself.
     """
-    timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing)
+    timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing, diffusion.alphas_cumprod64)
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     x0_last, h_last = None, None
     for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "dpm")):

@@ -171,7 +171,9 @@ def write_extras(
     first = read_pngs(folder / "images", range(min(s.grid_images, s.num_images)))
     save_png(folder / names[0], grid(first))
     atomic_write_bytes(folder / names[1], denoising_gif(net, s, seed, device))
-    steps = make_timesteps(net.diffusion.num_timesteps, s.steps, s.spacing)
+    steps = make_timesteps(
+        net.diffusion.num_timesteps, s.steps, s.spacing, net.diffusion.alphas_cumprod64
+    )
     save_png(folder / names[2], schedule_figure(net.diffusion, steps))
     save_png(folder / names[3], forward_figure(net, real, seed))
     if s.interpolation:
@@ -183,7 +185,11 @@ def write_extras(
 def denoising_gif(net: SamplingModel, s: SampleParams, seed: int, device: torch.device) -> bytes:
     """An animated GIF of x_t along the sampler for the first ``gif_images`` images."""
     indices = list(range(min(s.gif_images, s.num_images)))
-    total = len(make_timesteps(net.diffusion.num_timesteps, s.steps, s.spacing))
+    total = len(
+        make_timesteps(
+            net.diffusion.num_timesteps, s.steps, s.spacing, net.diffusion.alphas_cumprod64
+        )
+    )
     keep = set(torch.linspace(0, total - 1, min(s.gif_frames, total)).round().long().tolist())
     frames = []
 

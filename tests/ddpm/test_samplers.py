@@ -7,6 +7,7 @@ from torch import nn
 from ddpm.config import DiffusionConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import (
+    SPACINGS,
     ddim_sample,
     ddim_step,
     ddpm_sample,
@@ -55,6 +56,7 @@ def diffusion_for(prediction: str = "eps", schedule: str = "linear", timesteps: 
         (ddim_sample, {"steps": 50}, 0.06),
         (ddim_sample, {"steps": 50, "eta": 1.0}, 0.1),
         (dpm_solver_sample, {"steps": 20}, 0.03),  # second order: closer in fewer steps
+        (dpm_solver_sample, {"steps": 20, "spacing": "logsnr"}, 0.03),
     ],
 )
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -70,12 +72,17 @@ def test_samplers_with_the_exact_denoiser_recover_the_data_distribution(
     assert x.std().item() == pytest.approx(STD, rel=std_tol)
 
 
-@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+ABAR = GaussianDiffusion(DiffusionConfig(schedule="linear", timesteps=1000)).alphas_cumprod64
+
+
+@pytest.mark.parametrize("spacing", list(SPACINGS))
 @pytest.mark.parametrize("steps", [1, 7, 50, 1000])
 def test_timesteps_are_distinct_decreasing_and_in_range(spacing, steps):
-    ts = make_timesteps(1000, steps, spacing)
-    assert ts.shape == (steps,) and ts.dtype == torch.int64
+    ts = make_timesteps(1000, steps, spacing, ABAR)
+    assert ts.dtype == torch.int64 and 1 <= len(ts) <= steps
     assert bool((ts.diff() < 0).all()) and ts[0] <= 999 and ts[-1] >= 0
+    if spacing in ("leading", "linspace", "trailing"):  # uniform rules: one timestep per step
+        assert len(ts) == steps
 
 
 def test_each_spacing_starts_where_its_definition_says():
@@ -84,6 +91,29 @@ def test_each_spacing_starts_where_its_definition_says():
     assert make_timesteps(1000, 4, "linspace").tolist() == [999, 666, 333, 0]
     for spacing in ["leading", "linspace", "trailing"]:
         assert torch.equal(make_timesteps(20, 20, spacing), torch.arange(19, -1, -1))
+
+
+def test_quadratic_spacing_is_the_ddim_papers():
+    """int(linspace(0, sqrt(0.8 T), S)^2), reversed: the DDIM authors' skip_type="quad", which
+    never visits the last fifth of the chain."""
+    expected = [800, 632, 483, 355, 246, 158, 88, 39, 9, 0]  # int(k^2 800 / 81), k = 9 .. 0
+    assert expected == [int(k * k * 800 / 81 + 1e-9) for k in range(9, -1, -1)]
+    assert make_timesteps(1000, 10, "quadratic").tolist() == expected
+    assert make_timesteps(1000, 100, "quadratic").max() == 800
+    assert len(make_timesteps(1000, 100, "quadratic")) == 96  # 4 repeats near t = 0, run once
+
+
+def test_logsnr_spacing_is_uniform_in_log_snr_between_the_chain_ends():
+    ts = make_timesteps(1000, 10, "logsnr", ABAR)
+    assert ts.tolist() == [999, 886, 757, 603, 410, 202, 73, 22, 5, 0]
+    log_snr = 0.5 * torch.log(ABAR / (1 - ABAR))
+    targets = torch.linspace(float(log_snr[-1]), float(log_snr[0]), 10, dtype=torch.float64)
+    # Each chosen t has the log-SNR nearest its target among the timesteps around it
+    for t, target in zip(ts.tolist(), targets, strict=True):
+        gap = (log_snr[max(t - 1, 0) : t + 2] - target).abs()
+        assert (log_snr[t] - target).abs() <= gap.min() + 1e-12
+    with pytest.raises(ValueError, match="logsnr spacing needs the schedule"):
+        make_timesteps(1000, 10, "logsnr")
 
 
 def test_bad_step_counts_and_spacings_are_refused():
@@ -144,6 +174,32 @@ def test_network_calls_scale_with_the_number_of_steps():
     ddpm_calls, oracle.calls = oracle.calls, 0
     ddim_sample(oracle, diffusion, (1, 1, 1, 1), steps=50)
     assert (ddpm_calls, oracle.calls) == (1000, 50)
+
+
+def test_quadratic_ddim_from_the_marginal_at_its_first_step_recovers_the_data():
+    """Quadratic steps start at t = 0.8 T, not T - 1: fed x_800 from q(x_800) itself, DDIM with
+    the exact denoiser lands on the data distribution. (Fed N(0, I), as the DDIM code does, the
+    mean is off by 5%: the price of skipping the last fifth of the chain.)"""
+    diffusion = diffusion_for(timesteps=1000)
+    abar = float(diffusion.alphas_cumprod64[800])
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn((10_000, 1, 1, 1), generator=gen, dtype=torch.float64)
+    x_800 = (abar**0.5 * MU + (abar * STD**2 + 1 - abar) ** 0.5 * noise).float()
+    oracle = GaussianOracle(diffusion)
+    x = ddim_sample(oracle, diffusion, x_800.shape, steps=50, spacing="quadratic", x_T=x_800,
+                    clip_x0=False)  # fmt: skip
+    assert x.mean().item() == pytest.approx(MU, abs=0.015)
+    assert x.std().item() == pytest.approx(STD, rel=0.03)
+
+
+@pytest.mark.parametrize("spacing", ["quadratic", "logsnr"])
+@pytest.mark.parametrize("sampler", [ddpm_sample, ddim_sample, dpm_solver_sample])
+def test_every_sampler_takes_the_papers_spacings_one_call_per_timestep(sampler, spacing):
+    diffusion = diffusion_for(timesteps=1000)
+    oracle = GaussianOracle(diffusion)
+    x = sampler(oracle, diffusion, (2, 1, 2, 2), steps=100, spacing=spacing)
+    visited = make_timesteps(1000, 100, spacing, diffusion.alphas_cumprod64)
+    assert bool(torch.isfinite(x).all()) and oracle.calls == len(visited) < 100
 
 
 class Conditional(nn.Module):
