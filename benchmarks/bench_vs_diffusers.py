@@ -51,12 +51,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm.config import UNetConfig
-from ddpm.diffusers_format import unet_config_to_diffusers
+from ddpm.checkpoint import SamplingModel
+from ddpm.config import SamplerConfig, UNetConfig
+from ddpm.diffusers_format import state_to_diffusers, unet_config_to_diffusers
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.pixels import to_uint8
+from ddpm.progress import Progress
 from ddpm.samplers import ddim_sample, ddpm_sample, dpm_solver_sample
 from ddpm.train import draw_batch
 from ddpm.unet import UNet
+from pipeline.frontier import Point, render
+from pipeline.settings import FrontierParams, FrontierPoint
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 TARGET_RATIO = 0.9  # ours / theirs training-step time, fp32
@@ -412,6 +417,53 @@ def full_sampler_rows(fns: dict, batch: int, device: torch.device) -> list[Row]:
     return [*rows, Row("sample: full DDIM-50 x 20 / DDPM-1000", "cost", ratio=cost)]
 
 
+@torch.no_grad()
+def ddim_loop_rows(model: UNet, args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """The frontier stage's sampling against a plain DDIM loop (what it adds per image), and
+    our DDIM against diffusers' DDIMScheduler loop with the same weights, at the sample batch."""
+    from diffusers import DDIMScheduler
+
+    batch, k = args.sample_batch, args.sampler_steps
+    model = model.eval().to(device)
+    diffusion = GaussianDiffusion().to(device)
+    theirs = DiffusersUNet(model.config).to(device).eval()
+    theirs.net.load_state_dict(state_to_diffusers(model.state_dict(), model.config))
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
+        set_alpha_to_one=True, timestep_spacing="trailing",
+    )  # fmt: skip
+    x_T = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    point = Point("ddim", SamplerConfig(sampler="ddim", steps=k), k)
+    sizes = FrontierParams(num_images=batch, batch_size=batch, grid_images=1,
+                           points=[FrontierPoint(sampler="ddim", steps=k)])  # fmt: skip
+    net, quiet = SamplingModel(model, diffusion, None, 0), Progress(None, "", enabled=False)
+
+    def diffusers_loop() -> None:
+        scheduler.set_timesteps(k)
+        x = x_T
+        for t in scheduler.timesteps:
+            eps = theirs(x, t.expand(batch).to(device))
+            x = scheduler.step(eps, t, x, use_clipped_model_output=True).prev_sample
+        to_uint8(x)
+
+    fns = {
+        "stage": lambda: render(net, point, sizes, 0, None, device, quiet),
+        "plain": lambda: to_uint8(ddim_sample(model, diffusion, x_T.shape, steps=k, x_T=x_T)),
+        "diffusers": diffusers_loop,
+    }
+    times = {n: statistics.median(v) for n, v in interleave(fns, 1, 2, device).items()}
+    what = f"DDIM-{k}, batch {batch}"
+    return [
+        Row(f"frontier stage / plain DDIM loop, {what}", "full", Figure(times["stage"], batch),
+            Figure(times["plain"], batch), times["stage"] / times["plain"],
+            "'diffusers' column: a plain ddim_sample + to_uint8; target 1.00", "frontier"),
+        Row(f"DDIM / diffusers DDIMScheduler loop, same weights, {what}", "full",
+            Figure(times["plain"], batch), Figure(times["diffusers"], batch),
+            times["plain"] / times["diffusers"], "time per image, ours over theirs; goal <= 0.8",
+            "DDIM loop"),
+    ]  # fmt: skip
+
+
 def feed_row(batch: int, device: torch.device, train_rate: float, train_what: str) -> Row:
     """draw_batch (index, flip, scale to [-1, 1]) from a cars-sized uint8 tensor, images/s."""
     gen = torch.Generator(device).manual_seed(0)
@@ -564,6 +616,21 @@ def sampler_verdict(rows: list[Row]) -> list[str]:
     ]
 
 
+def ddim_loop_verdict(rows: list[Row]) -> list[str]:
+    """The frontier stage's overhead over a plain loop, and our DDIM loop against diffusers'."""
+    found = {r.key: r for r in rows if r.key in ("frontier", "DDIM loop")}
+    if len(found) < 2:
+        return []
+    stage, loop = found["frontier"], found["DDIM loop"]
+    met = "met" if loop.ratio <= 0.8 else "not met"
+    return [
+        f"The frontier stage samples at {CELL['full'](stage.ours)}, {ratio_text(stage)} x the "
+        f"time of a plain DDIM loop at the same batch. Our DDIM loop takes {ratio_text(loop)} x "
+        f"the time per image of diffusers' DDIMScheduler loop with the same weights; goal <= 0.8 "
+        f"{met}."
+    ]
+
+
 def gpu_verdict(rows: list[Row]) -> list[str]:
     """The best GPU training rate against GPU_TARGET."""
     rates = {r.what: r.ours.rate for r in rows if r.kind == "gpu"}
@@ -579,7 +646,7 @@ def gpu_verdict(rows: list[Row]) -> list[str]:
 
 def interpretation(rows: list[Row], gpu: bool) -> list[str]:
     """Plain sentences on the targets, read off the rows' numbers."""
-    lines = training_verdict(rows) + sampler_verdict(rows)
+    lines = training_verdict(rows) + sampler_verdict(rows) + ddim_loop_verdict(rows)
     for row in rows:
         if row.kind == "feed":
             ok = "met" if row.ratio >= 10 else "not met"
@@ -689,6 +756,7 @@ def main() -> None:
         rows.append(feed_row(8, torch.device("cpu"), rate, what))
     device = torch.device("cuda" if cuda else "cpu")
     rows += sampler_rows(ours.to(device), args, device)
+    rows += ddim_loop_rows(ours, args, device)
     if cuda:
         rows += gpu_rows(config, args)
     print()

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -132,3 +133,92 @@ def forward_process_figure(
 
 def _as_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+_SERIES = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+           (23, 190, 207), (227, 119, 194), (127, 127, 127)]  # fmt: skip
+
+
+def frontier_figure(
+    series: dict[str, list[tuple[float, float]]], y_label: str = "FID", size=(520, 360)
+) -> torch.Tensor:
+    """Quality against cost: one line of (NFE, metric) points per sampler, NFE on a log axis.
+
+    Args:
+        series: name -> [(nfe, value), ...]; lower values are better for FID and KID.
+
+    Returns:
+        uint8 (H, W, 3).
+    """
+    width, height = size
+    img = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(img), _font()
+    left, right, top, bottom = 62, width - 150, 40, height - 40
+    points = [p for values in series.values() for p in values]
+    xs = [math.log10(max(n, 1e-9)) for n, _ in points]
+    lo_x, hi_x = min(xs) - 0.1, max(xs) + 0.1
+    lo_y, hi_y = min(v for _, v in points), max(v for _, v in points)
+    pad = 0.08 * (hi_y - lo_y) if hi_y > lo_y else 1.0
+    lo_y, hi_y = lo_y - pad, hi_y + pad
+
+    def xy(nfe: float, value: float) -> tuple[float, float]:
+        fx = (math.log10(max(nfe, 1e-9)) - lo_x) / (hi_x - lo_x)
+        return left + (right - left) * fx, bottom - (bottom - top) * (value - lo_y) / (hi_y - lo_y)
+
+    _frontier_axes(draw, font, (left, top, right, bottom), xy, (lo_x, hi_x, lo_y, hi_y))
+    for k, (name, values) in enumerate(series.items()):
+        colour, line = _SERIES[k % len(_SERIES)], [xy(n, v) for n, v in sorted(values)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, y in line:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.line([(right + 14, top + 8 + 18 * k), (right + 34, top + 8 + 18 * k)], fill=colour,
+                  width=3)  # fmt: skip
+        draw.text((right + 40, top + 8 + 18 * k), name, fill=_INK, font=font, anchor="lm")
+    draw.text((width / 2, 8), f"{y_label} against network evaluations", fill=_INK, font=font,
+              anchor="ma")  # fmt: skip
+    draw.text(((left + right) / 2, height - 4), "NFE per image (log scale)", fill=_INK,
+              font=font, anchor="md")  # fmt: skip
+    draw.text((left, top - 4), y_label, fill=_INK, font=font, anchor="ld")
+    return torch.from_numpy(_as_array(img))
+
+
+def _frontier_axes(draw, font, box, xy, limits) -> None:
+    """The frame, y ticks at three levels and x ticks at the powers of ten and their halves."""
+    left, top, right, bottom = box
+    lo_x, hi_x, lo_y, hi_y = limits
+    for frac in (0.0, 0.5, 1.0):
+        value = lo_y + frac * (hi_y - lo_y)
+        _, y = xy(1.0, value)
+        draw.line([(left, y), (right, y)], fill=_GRID)
+        draw.text((left - 6, y), f"{value:.3g}", fill=_INK, font=font, anchor="rm")
+    for exponent in range(math.floor(lo_x), math.ceil(hi_x) + 1):
+        for tick in (10**exponent, 2 * 10**exponent, 5 * 10**exponent):
+            if lo_x <= math.log10(tick) <= hi_x:
+                x, _ = xy(tick, lo_y)
+                draw.line([(x, bottom), (x, bottom + 4)], fill=_INK)
+                draw.line([(x, top), (x, bottom)], fill=_GRID)
+                draw.text((x, bottom + 6), f"{tick:g}", fill=_INK, font=font, anchor="ma")
+    draw.rectangle([left, top, right, bottom], outline=_INK)
+
+
+def labelled_rows(rows: Sequence[tuple[str, torch.Tensor]], scale: int = 2, pad: int = 2):
+    """Rows of images, each with its label on the left: uint8 (H, W, 3).
+
+    Args:
+        rows: (label, uint8 images (B, h, w, 3)) per row, the same B, h and w in every row.
+    """
+    _, h, w, _ = rows[0][1].shape
+    label_w = 12 + max(int(_font().getlength(label)) for label, _ in rows)
+    cell_w, cell_h = w * scale, h * scale
+    cols = max(len(images) for _, images in rows)
+    size = (label_w + cols * (cell_w + pad) + pad, len(rows) * (cell_h + pad) + pad)
+    figure = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(figure), _font()
+    for r, (label, images) in enumerate(rows):
+        top = pad + r * (cell_h + pad)
+        draw.text((6, top + cell_h / 2), label, fill=_INK, font=font, anchor="lm")
+        for c, image in enumerate(images):
+            cell = Image.fromarray(image.numpy()).resize((cell_w, cell_h), Image.Resampling.NEAREST)
+            figure.paste(cell, (label_w + pad + c * (cell_w + pad), top))
+    return torch.from_numpy(_as_array(figure))

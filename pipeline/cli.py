@@ -107,6 +107,26 @@ def evaluate(
 
 
 @app.command()
+def frontier(
+    params: Path = PARAMS,
+    models: Path = MODELS,
+    data: Path = typer.Option(
+        Path("data/prepared"), "--data", help="Prepared data (the reference)."
+    ),
+    out: Path = typer.Option(Path("frontier"), "--out", help="Where the figures go."),
+    metrics: Path = METRICS,
+) -> None:
+    """FID, KID and IS for each sampler and step count of params' frontier, from the same noises.
+
+    Writes metrics/frontier.json and .tsv (dvc plots show metrics/frontier.tsv: FID against
+    NFE, a line per sampler), frontier/fid_vs_nfe.png and frontier/grid.png.
+    """
+    from pipeline.frontier import frontier_stage
+
+    frontier_stage(params, models, data, out, metrics)
+
+
+@app.command()
 def convert(
     from_diffusers: Path | None = typer.Option(
         None, help="A diffusers UNet2DModel folder (config.json + weights) to import."

@@ -27,9 +27,12 @@ from ddpm.config import (
     LossType,
     Prediction,
     SamplerConfig,
+    SamplerName,
     ScheduleName,
+    Spacing,
     TrainConfig,
     UNetConfig,
+    Variance,
 )
 from ddpm.data.sources import NATIVE_SIZES
 from pipeline.errors import ParamsError
@@ -135,6 +138,38 @@ class EvaluateParams(Section):
     )
 
 
+class FrontierPoint(Section):
+    """One point of the frontier: a sampler and its steps; the keys it leaves out (null) come
+    from the ``sample`` section, so the frontier varies exactly what its points name."""
+
+    sampler: SamplerName
+    steps: int = Field(ge=1, description="Sampling steps, at most diffusion.timesteps.")
+    spacing: Spacing | None = None
+    eta: float | None = Field(None, ge=0.0)
+    variance: Variance | None = None
+    clip_x0: bool | None = None
+    guidance_scale: float | None = Field(None, ge=0.0)
+
+    @property
+    def series(self) -> str:
+        """The line this point belongs to: the sampler, and the spacing when the point sets one."""
+        return self.sampler if self.spacing is None else f"{self.sampler}:{self.spacing}"
+
+    def sampler_config(self, sample: SampleParams) -> SamplerConfig:
+        named = self.model_dump(exclude_none=True)
+        return sample.sampler_config().model_copy(update=named)
+
+
+class FrontierParams(Section):
+    """Section ``frontier``: FID/KID/IS at each point of a grid of samplers and step counts,
+    from the same initial noises."""
+
+    num_images: int = Field(ge=2, description="Images per point (FID wants 10,000).")
+    batch_size: int = Field(ge=1, description="Images per forward pass.")
+    grid_images: int = Field(ge=1, description="Images per point in frontier/grid.png.")
+    points: list[FrontierPoint] = Field(min_length=1, description="sampler + steps each.")
+
+
 def missing_keys(model: type[BaseModel], raw: Any, prefix: str = "") -> list[str]:
     """The dotted keys of ``model`` absent from the mapping ``raw`` (nested sections too)."""
     if not isinstance(raw, dict):
@@ -163,6 +198,7 @@ class Params(Section):
     ema: EMAConfig
     sample: SampleParams
     evaluate: EvaluateParams
+    frontier: FrontierParams
 
     def unet_config(self, num_classes: int | None = None) -> UNetConfig:
         """The UNet for this experiment; ``num_classes`` from the data when conditional."""
@@ -232,6 +268,25 @@ class Params(Section):
             problems.append(f"evaluate.isc_splits={e.isc_splits} > sample.num_images={n}")
         if e.prc and n <= PRC_NEIGHBORHOOD:
             problems.append(f"evaluate.prc needs more than {PRC_NEIGHBORHOOD} images; got {n}")
+        return problems + self._frontier_problems()
+
+    def _frontier_problems(self) -> list[str]:
+        f, e, T = self.frontier, self.evaluate, self.diffusion.timesteps
+        problems = [
+            f"frontier.points[{i}].steps={p.steps} is more than diffusion.timesteps={T}"
+            for i, p in enumerate(f.points)
+            if p.steps > T
+        ]
+        keys = [(p.series, p.steps) for p in f.points]
+        if len(set(keys)) < len(keys):
+            problems.append(f"frontier.points repeat a sampler and steps: {keys}")
+        if e.kid and e.kid_subset_size > f.num_images:
+            problems.append(
+                f"evaluate.kid_subset_size={e.kid_subset_size} is more than frontier.num_images="
+                f"{f.num_images}; lower one or raise the other"
+            )
+        if e.isc and e.isc_splits > f.num_images:
+            problems.append(f"evaluate.isc_splits={e.isc_splits} > frontier.num_images")
         return problems
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.evaluate import write_untrained_inception_weights
+from pipeline.fidelity import write_untrained_inception_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,16 @@ OVERRIDES = {
         "isc_splits": 5,
         # Built by this script; git-ignored in the copy, so `dvc exp run` there finds it too
         "feature_extractor_weights": "weights/inception-untrained.pth",
+    },
+    "frontier": {  # two samplers at two step counts
+        "num_images": 64,
+        "batch_size": 64,
+        "points": [
+            {"sampler": "ddim", "steps": 5},
+            {"sampler": "ddim", "steps": 10},
+            {"sampler": "dpm-solver", "steps": 5},
+            {"sampler": "dpm-solver", "steps": 10},
+        ],
     },
 }
 

@@ -59,7 +59,7 @@ def dead_url() -> str:
 def inception_weights(tmp_path_factory) -> Path:
     """A weights file of torch-fidelity's Inception architecture with random weights, built
     without a download (metrics from it are NOT real FID/IS)."""
-    from pipeline.evaluate import write_untrained_inception_weights
+    from pipeline.fidelity import write_untrained_inception_weights
 
     root = tmp_path_factory.mktemp("inception")
     return write_untrained_inception_weights(root / "inception-untrained.pth")

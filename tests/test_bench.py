@@ -46,3 +46,17 @@ def test_the_gpu_rows_run_end_to_end_and_are_judged_against_the_target():
     assert math.isnan(bench.peak_memory(lambda: None, torch.device("cpu"))[0])
     verdicts = bench.interpretation(rows, gpu=True)
     assert any(v.startswith("GPU training: best") and "not met" in v for v in verdicts), verdicts
+
+
+def test_the_ddim_loop_rows_time_the_frontier_stage_and_diffusers_loop_side_by_side():
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = bench.UNet(UNetConfig(base_channels=32, num_groups=8))
+    args = argparse.Namespace(sample_batch=2, sampler_steps=2)
+    stage, loop = bench.ddim_loop_rows(model, args, torch.device("cpu"))
+    assert (stage.key, loop.key) == ("frontier", "DDIM loop")
+    assert stage.ours.images == stage.theirs.images == 2 and stage.ratio > 0
+    assert loop.ours.seconds == stage.theirs.seconds  # ours vs diffusers: the plain loop
+    assert loop.ratio == pytest.approx(loop.ours.seconds / loop.theirs.seconds)
+    (verdict,) = bench.ddim_loop_verdict([stage, loop])
+    assert "goal <= 0.8" in verdict and "plain DDIM loop" in verdict

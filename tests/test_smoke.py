@@ -75,6 +75,29 @@ def test_smoke_pipeline_logs_one_mlflow_run_with_params_metrics_and_artifacts(sm
     assert run.data.tags["stage.train"] == run.data.tags["stage.evaluate"] == "done"
 
 
+def test_smoke_frontier_scores_two_samplers_at_two_step_counts(smoke):
+    tree = json.loads((smoke / "metrics" / "frontier.json").read_text())
+    assert {name: sorted(points, key=int) for name, points in tree["series"].items()} == {
+        "ddim": ["5", "10"], "dpm-solver": ["5", "10"],
+    }  # fmt: skip
+    for points in tree["series"].values():
+        for steps, point in points.items():
+            assert point["nfe"] == int(steps) and math.isfinite(point["fid"]), point
+    rows = (smoke / "metrics" / "frontier.tsv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("series\tsteps\tnfe\tfid")
+    assert (smoke / "frontier" / "fid_vs_nfe.png").is_file()
+    # dvc plots renders the TSV with the frontier template: FID against log NFE, by sampler
+    shown = json.loads(dvc(smoke, "plots", "show", "--json", "metrics/frontier.tsv").stdout)
+    (plot,) = shown["data"]["metrics/frontier.tsv"]
+    spec = plot["content"]
+    assert spec["encoding"]["x"]["scale"]["type"] == "log"
+    assert spec["encoding"]["color"]["field"] == "series"
+    values = spec["data"]["values"]
+    assert {v["series"] for v in values} == {"ddim", "dpm-solver"} and len(values) == 4
+    _, runs = mlflow_runs(smoke)
+    assert math.isfinite(runs[0].data.metrics["frontier/ddim/fid"])
+
+
 def test_unchanged_pipeline_reruns_nothing(smoke):
     out = dvc(smoke, "status").stdout
     assert "Data and pipelines are up to date" in out, out
@@ -84,6 +107,7 @@ def test_a_sampling_param_reruns_only_sample_and_evaluate(smoke):
     done = dvc(smoke, "exp", "run", "-n", "ddim-10", "-S", "sample.steps=10")
     assert "Running stage 'sample'" in done.stdout and "Running stage 'evaluate'" in done.stdout
     assert "Running stage 'train'" not in done.stdout, done.stdout
+    assert "Running stage 'frontier'" not in done.stdout  # it never reads sample.steps
     assert json.loads((smoke / "metrics" / "eval.json").read_text())["steps"] == 10
     _, runs = mlflow_runs(smoke)
     run = {r.info.run_name: r for r in runs}["ddim-10"]

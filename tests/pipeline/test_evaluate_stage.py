@@ -22,7 +22,7 @@ from stages import prepare_split, project_params
 from typer.testing import CliRunner
 
 from ddpm.data.prepared import load_prepared
-from pipeline import evaluate
+from pipeline import fidelity
 from pipeline.cli import app
 
 runner = CliRunner()
@@ -125,8 +125,8 @@ def test_missing_weights_on_an_offline_machine_name_both_ways(project, monkeypat
 
     # Neither a file nor a download: the error names the env var, the param and the URL.
     monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS")
-    url = dead_url.rsplit("/", 1)[0] + "/" + evaluate.INCEPTION.filename
-    monkeypatch.setattr(evaluate, "INCEPTION", evaluate.INCEPTION._replace(url=url))
+    url = dead_url.rsplit("/", 1)[0] + "/" + fidelity.INCEPTION.filename
+    monkeypatch.setattr(fidelity, "INCEPTION", fidelity.INCEPTION._replace(url=url))
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     message = " ".join(result.output.split())
