@@ -27,6 +27,8 @@ smoke: $(STAMP)
 # The MLflow UI over the local store (the smoke project's: make ui STORE=.smoke/mlflow.db).
 STORE ?= mlflow.db
 ui: $(STAMP)
+	@MLFLOW_TRACKING_URI=sqlite:///$(abspath $(STORE)) $(BIN)/python -c \
+		"from pipeline.tracking import ui_url; print('The runs table:', ui_url())"
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath $(STORE)) --host 127.0.0.1 --port 5000
 
 test: $(STAMP)

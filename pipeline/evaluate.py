@@ -25,7 +25,7 @@ from pipeline.fidelity import (
     reference_cache_name,
 )
 from pipeline.outputs import write_json
-from pipeline.settings import PRC_NEIGHBORHOOD, EvaluateParams, Machine, load_params
+from pipeline.settings import PRC_NEIGHBORHOOD, EvaluateParams, Machine, Params, load_params
 from pipeline.tracking import Tracker
 
 
@@ -76,40 +76,52 @@ def check_inputs(e: EvaluateParams, samples: Samples, reference: torch.Tensor) -
 
 
 def evaluate_stage(params: Path, data: Path, samples: Path, metrics: Path) -> None:
-    """The evaluate stage (``pipeline evaluate --help``): torch-fidelity on the samples."""
+    """The evaluate stage (``pipeline evaluate --help``): torch-fidelity on the samples. The
+    MLflow run is open from the start, so a failure anywhere marks it FAILED."""
     with stage_errors():
         p = load_params(params)
-        e, machine = p.evaluate, Machine()
-        if machine.num_threads:
-            torch.set_num_threads(machine.num_threads)
-        found = read_samples(samples)
-        split = load_prepared(data, e.reference_split)
-        check_inputs(e, found, split.images)
-        extractions = plan(e, machine)
-        sha = split.manifest["splits"][e.reference_split]["images_sha256"]
         with Tracker(p.model_dump(mode="json"), "evaluate") as tracker:
-            results: dict[str, float] = {}
-            for x in extractions:
-                name = reference_cache_name(sha, e.reference_split, x.weights)
-                results |= fidelity(
-                    str(found.folder), UInt8Images(split.images), name, x, e, p.seed,
-                    machine.fidelity_cache,
-                )  # fmt: skip
-            summary = {
-                **results,
-                "num_images": found.count,
-                "reference_split": e.reference_split,
-                "reference_images": len(split.images),
-                "sampler": found.manifest["sampler"],
-                "steps": found.manifest["steps"],
-                "feature_extractor": "+".join(x.source.extractor for x in extractions),
-                "weights": _weights_name(extractions),
-                "label": label(extractions, found.count),
-            }
+            summary = evaluate(p, data, samples, tracker)
             write_json(metrics / "eval.json", summary)
-            tracker.log_metrics({**results, "num_images": float(found.count)})
             tracker.log_artifact(metrics / "eval.json", "metrics")
+            if p.registry.enabled:
+                scores = {
+                    k: str(summary[k]) for k in ("fid", "kid_mean", "isc_mean") if k in summary
+                }
+                tracker.register_model(p.registry.model_name, {**scores, "label": summary["label"]})
             typer.echo(json.dumps(summary, indent=2))
+
+
+def evaluate(p: Params, data: Path, samples: Path, tracker: Tracker) -> dict[str, Any]:
+    """Score the samples folder against the reference split: eval.json's contents."""
+    e, machine = p.evaluate, Machine()
+    if machine.num_threads:
+        torch.set_num_threads(machine.num_threads)
+    found = read_samples(samples)
+    split = load_prepared(data, e.reference_split)
+    check_inputs(e, found, split.images)
+    extractions = plan(e, machine)
+    sha = split.manifest["splits"][e.reference_split]["images_sha256"]
+    tracker.log_dataset(split.manifest, e.reference_split, "evaluation")
+    results: dict[str, float] = {}
+    for x in extractions:
+        name = reference_cache_name(sha, e.reference_split, x.weights)
+        results |= fidelity(
+            str(found.folder), UInt8Images(split.images), name, x, e, p.seed,
+            machine.fidelity_cache,
+        )  # fmt: skip
+    tracker.log_metrics({**results, "num_images": float(found.count)})
+    return {
+        **results,
+        "num_images": found.count,
+        "reference_split": e.reference_split,
+        "reference_images": len(split.images),
+        "sampler": found.manifest["sampler"],
+        "steps": found.manifest["steps"],
+        "feature_extractor": "+".join(x.source.extractor for x in extractions),
+        "weights": _weights_name(extractions),
+        "label": label(extractions, found.count),
+    }
 
 
 def _weights_name(extractions: list[Extraction]) -> str:

@@ -175,26 +175,34 @@ def table(scored: list[Scored], num_images: int) -> str:
 
 
 def frontier_stage(params: Path, models: Path, data: Path, out: Path, metrics: Path) -> None:
-    """The frontier stage (``pipeline frontier --help``)."""
+    """The frontier stage (``pipeline frontier --help``); the MLflow run is open from the
+    start, so a failure anywhere marks it FAILED."""
     with stage_errors():
-        p, machine = load_params(params), Machine()
-        if machine.num_threads:
-            torch.set_num_threads(machine.num_threads)
-        device = pick_device(machine)
-        net = load_sampling_model(models / "ema.pt", p.sample.weights, device)
-        points = plan_points(p, net)
-        split = load_prepared(data, p.evaluate.reference_split)
-        extraction, n = _inception(p, machine, split, net), p.frontier.num_images
+        p = load_params(params)
         with Tracker(p.model_dump(mode="json"), "frontier") as tracker:
-            scored = score_points(net, points, p, split, extraction, device)
-            tree = summary(scored, n, label([extraction], n))
+            scored, tree = frontier(p, models, data, tracker)
             write_outputs(scored, tree, out, metrics)
-            for s in scored:
-                values = {f"{s.point.series}/{k}": v for k, v in s.scores.items()}
-                tracker.log_metrics({**values, f"{s.point.series}/seconds": s.seconds}, s.point.nfe)
             for path in (metrics / "frontier.json", metrics / "frontier.tsv", *out.iterdir()):
                 tracker.log_artifact(path, "frontier")
-        typer.echo(f"{tree['label']}\n{table(scored, n)}")
+        typer.echo(f"{tree['label']}\n{table(scored, p.frontier.num_images)}")
+
+
+def frontier(p: Params, models: Path, data: Path, tracker: Tracker) -> tuple[list[Scored], dict]:
+    """Plan, sample and score every point; log the numbers with NFE as the step."""
+    machine = Machine()
+    if machine.num_threads:
+        torch.set_num_threads(machine.num_threads)
+    device = pick_device(machine)
+    net = load_sampling_model(models / "ema.pt", p.sample.weights, device)
+    points = plan_points(p, net)
+    split = load_prepared(data, p.evaluate.reference_split)
+    extraction, n = _inception(p, machine, split, net), p.frontier.num_images
+    tracker.log_dataset(split.manifest, p.evaluate.reference_split, "evaluation")
+    scored = score_points(net, points, p, split, extraction, device)
+    for s in scored:
+        values = {f"{s.point.series}/{k}": v for k, v in s.scores.items()}
+        tracker.log_metrics({**values, f"{s.point.series}/seconds": s.seconds}, s.point.nfe)
+    return scored, summary(scored, n, label([extraction], n))
 
 
 def _inception(p: Params, machine: Machine, split: PreparedSplit, net: SamplingModel) -> Extraction:

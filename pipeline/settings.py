@@ -170,6 +170,13 @@ class FrontierParams(Section):
     points: list[FrontierPoint] = Field(min_length=1, description="sampler + steps each.")
 
 
+class RegistryParams(Section):
+    """Section ``registry``: the MLflow model registry."""
+
+    enabled: bool = Field(description="Register the trained model after evaluate.")
+    model_name: str = Field(min_length=1, description="Its name in the registry.")
+
+
 def missing_keys(model: type[BaseModel], raw: Any, prefix: str = "") -> list[str]:
     """The dotted keys of ``model`` absent from the mapping ``raw`` (nested sections too)."""
     if not isinstance(raw, dict):
@@ -199,6 +206,7 @@ class Params(Section):
     sample: SampleParams
     evaluate: EvaluateParams
     frontier: FrontierParams
+    registry: RegistryParams
 
     def unet_config(self, num_classes: int | None = None) -> UNetConfig:
         """The UNet for this experiment; ``num_classes`` from the data when conditional."""

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "ddpm")
+# MLflow 3 opens an experiment of unknown kind on its GenAI pages; this kind opens the runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 METRIC_GROUPS = {"evaluate": "eval"}  # stage -> metric prefix, where it is not the stage name
 
 
@@ -97,6 +99,8 @@ class Tracker:
             self._mlflow = mlflow
             mlflow.set_tracking_uri(tracking_uri())
             experiment = mlflow.set_experiment(EXPERIMENT)
+            if EXPERIMENT_KIND[0] not in experiment.tags:
+                mlflow.set_experiment_tag(*EXPERIMENT_KIND)
             key = run_key(self.params)
             found = mlflow.search_runs(
                 [experiment.experiment_id],
@@ -141,9 +145,76 @@ class Tracker:
             except Exception as exc:
                 self._fail("logging metrics", exc)
 
+    def log_dataset(self, manifest: dict[str, Any], split: str, context: str) -> None:
+        """A prepared split as the run's dataset input, so the UI's Dataset column names it:
+        the data set and split, the split's sha256 as digest, the archive URL (or the folder,
+        or the generator) as source, and a profile of the images."""
+        if not self.enabled:
+            return
+        try:
+            self._mlflow.log_input(prepared_dataset(manifest, split), context=context)
+        except Exception as exc:
+            self._fail("logging the dataset", exc)
+
+    def log_model(self, payload: dict[str, Any]) -> None:
+        """The EMA weights of a weights file as the run's pyfunc ``model`` (pipeline.model)."""
+        if self.enabled:
+            try:
+                from pipeline.model import log_image_model
+
+                log_image_model(payload)
+            except Exception as exc:
+                self._fail("logging the model", exc)
+
+    def register_model(self, name: str, tags: dict[str, str]) -> None:
+        """Register this run's ``model`` under ``name`` in the model registry, with ``tags``."""
+        if not self.enabled:
+            return
+        try:
+            version = self._mlflow.register_model(f"runs:/{self.run_id}/model", name, tags=tags)
+            print(f"registered models:/{name}/{version.version} ({tags})")
+        except Exception as exc:
+            self._fail("registering the model", exc)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             try:
                 self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
             except Exception as exc:
                 self._fail("logging an artifact", exc)
+
+
+def prepared_dataset(manifest: dict[str, Any], split: str):
+    """An MLflow dataset (metadata only) describing one split of a prepared folder."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class PreparedSplit(MetaDataset):
+        @property
+        def profile(self) -> dict[str, Any]:
+            return profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(profile)}
+
+    entry, origin = manifest["splits"][split], manifest.get("source", {})
+    source = HTTPDatasetSource(origin["url"]) if "url" in origin else CodeDatasetSource(origin)
+    profile = {
+        "num_images": entry["count"],
+        "image_size": manifest["image_size"],
+        "num_classes": manifest["num_classes"],
+        "split": split,
+    }
+    name = f"{manifest['dataset']}-{split}"
+    return PreparedSplit(source=source, name=name, digest=entry["images_sha256"][:16])
+
+
+def ui_url(host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The runs table of this project's experiment in the MLflow UI (not the GenAI pages)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    where = f"experiments/{experiment.experiment_id}/runs" if experiment else "experiments"
+    return f"http://{host}:{port}/#/{where}?workflowType=machine_learning"

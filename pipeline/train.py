@@ -121,32 +121,32 @@ def train_stage(
     prepared split, checkpoints in this configuration's folder, outputs when it ends."""
     with stage_errors():
         p = load_params(params)
-        splits = load_prepared(data, "train"), load_prepared(data, "val")
-        num_classes = splits[0].manifest["num_classes"] if p.model.conditional else None
-        unet_config = p.unet_config(num_classes)
-        key = run_key(p, unet_config, splits[0].manifest["splits"]["train"]["images_sha256"])
-        checkpoints = models / "checkpoints" / key
-        with distributed(Machine()) as (dist, device):
+        with (
+            distributed(Machine()) as (dist, device),
+            Tracker(p.model_dump(mode="json"), "train", enabled=dist.is_main) as tracker,
+        ):
+            splits = load_prepared(data, "train"), load_prepared(data, "val")
+            num_classes = splits[0].manifest["num_classes"] if p.model.conditional else None
+            unet_config = p.unet_config(num_classes)
+            sha = splits[0].manifest["splits"]["train"]["images_sha256"]
+            checkpoints = models / "checkpoints" / run_key(p, unet_config, sha)
             if fresh and dist.is_main:
                 shutil.rmtree(checkpoints, ignore_errors=True)
             if dist.is_main and device.type == "cpu" and p.train.steps > CPU_HINT_STEPS:
-                typer.echo(
-                    f"no GPU: {p.train.steps:,} training steps run on the CPU; the cost line "
-                    "below says how long. `make smoke` runs the whole pipeline offline on a "
-                    "tiny model in a few minutes.",
-                    err=True,
-                )
-            with Tracker(p.model_dump(mode="json"), "train", enabled=dist.is_main) as tracker:
-                report = Report(checkpoints, tracker)
-                trained = train(
-                    unet_config, p.diffusion_config(), p.train, p.ema,
-                    *(Dataset(s.images, s.labels if num_classes else None) for s in splits),
-                    checkpoint_dir=checkpoints, resume_from=resume_from, seed=p.seed,
-                    device=device, resume=not fresh, hooks=report.hooks(), dist=dist,
-                )  # fmt: skip
-                if dist.is_main:
-                    effective_batch = p.train.batch_size * dist.world_size
-                    publish(trained, p, splits[0], models, metrics, effective_batch, report)
+                typer.echo(f"no GPU: {p.train.steps:,} training steps run on the CPU; the cost "
+                           "line below says how long. `make smoke` runs the whole pipeline "
+                           "offline on a tiny model in a few minutes.", err=True)  # fmt: skip
+            tracker.log_dataset(splits[0].manifest, "train", "training")
+            report = Report(checkpoints, tracker)
+            trained = train(
+                unet_config, p.diffusion_config(), p.train, p.ema,
+                *(Dataset(s.images, s.labels if num_classes else None) for s in splits),
+                checkpoint_dir=checkpoints, resume_from=resume_from, seed=p.seed,
+                device=device, resume=not fresh, hooks=report.hooks(), dist=dist,
+            )  # fmt: skip
+            if dist.is_main:
+                effective_batch = p.train.batch_size * dist.world_size
+                publish(trained, p, splits[0], models, metrics, effective_batch, report)
 
 
 def publish(
@@ -166,6 +166,7 @@ def publish(
         split.manifest["class_names"],
     )  # fmt: skip
     save_checkpoint(payload, weights)
+    report.tracker.log_model(payload)
     summary = _summary(trained.result, effective_batch, report.folder)
     write_json(metrics / "train.json", summary)
     report.tracker.log_metrics(

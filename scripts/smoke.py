@@ -65,7 +65,8 @@ OVERRIDES = {
         "reference_split": "val",
         "kid_subset_size": 50,
         "isc_splits": 5,
-        # Built by this script; git-ignored in the copy, so `dvc exp run` there finds it too
+        # Built by this script and DVC-tracked in the copy, so that queued experiments'
+        # temporary copies (`dvc exp run --queue`), which hold only tracked files, have it too
         "feature_extractor_weights": "weights/inception-untrained.pth",
     },
     "frontier": {  # two samplers at two step counts
@@ -112,8 +113,6 @@ def make_copy(dest: Path, extra_overrides: dict | None = None) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = merge(merge(params, OVERRIDES), extra_overrides or {})
     write_untrained_inception_weights(dest / params["evaluate"]["feature_extractor_weights"])
-    with open(dest / ".gitignore", "a") as f:
-        f.write("/weights/\n")
     (dest / "params.yaml").write_text(
         "# Smoke-test params, written by scripts/smoke.py from the project's params.yaml\n"
         + yaml.safe_dump(params, sort_keys=False)
@@ -145,6 +144,8 @@ def main() -> None:
     make_copy(dest)
     env = environment(dest)
     run(["git", "init", "-q", "-b", "main"], dest, env)
+    weights = yaml.safe_load((dest / "params.yaml").read_text())["evaluate"]
+    run([sys.executable, "-m", "dvc", "add", "-q", weights["feature_extractor_weights"]], dest, env)
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-q", "-m", "smoke copy"], dest, env)
     run([sys.executable, "-m", "dvc", "repro"], dest, env)

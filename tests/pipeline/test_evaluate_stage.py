@@ -133,6 +133,10 @@ def test_missing_weights_on_an_offline_machine_name_both_ways(project, monkeypat
     assert f"could not be downloaded from {url}" in message
     assert "DDPM_INCEPTION_WEIGHTS=/path/to/weights-inception-2015-12-05-6726825d.pth" in message
     assert "evaluate.feature_extractor_weights" in message
+    # The experiment's MLflow run says the stage failed, rather than a false FINISHED
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["stage.evaluate"] == "failed"
     assert not (project / "metrics").exists() and not (project / "data/fidelity_cache").exists()
 
 

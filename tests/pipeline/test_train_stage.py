@@ -94,6 +94,15 @@ def check_run(uri: str, tmp_path: Path) -> None:
     assert {"weights", "previews", "curves"} <= artifacts
     local = client.download_artifacts(run.info.run_id, "weights/ema.pt", str(tmp_path / "dl"))
     assert "ema" in load_checkpoint(Path(local))
+    # The runs table's Dataset column: the prepared train split, its sha256 as digest
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+    manifest = json.loads((tmp_path / "data" / "prepared" / "manifest.json").read_text())
+    assert dataset.name == "synthetic-train"
+    assert dataset.digest == manifest["splits"]["train"]["images_sha256"][:16]
+    assert "ddpm.data.synthetic" in dataset.source
+    assert json.loads(dataset.profile)["num_images"] == manifest["splits"]["train"]["count"]
+    # The UI opens this experiment on its runs table, not the GenAI pages
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_train_writes_checkpoints_metrics_curves_and_an_mlflow_run(project):
@@ -201,6 +210,29 @@ def test_ddp_with_two_gloo_processes_trains_and_only_rank_zero_writes(project):
     runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
     assert len(runs) == 1
     assert torch.isfinite(torch.tensor(summary["final_val_loss"]))
+
+
+def test_two_nodes_meeting_at_a_rendezvous_endpoint_train_as_one_job(project):
+    """Two torchrun launches, one per "node" (one gloo process each), meet at a c10d
+    rendezvous endpoint: the command a two-machine job runs, on this machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPM_DEVICE": "cpu"}
+    endpoint = f"127.0.0.1:{free_port()}"
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+            "--nproc_per_node", "1", "--node_rank", str(rank), "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", endpoint, "--rdzv_id", "two-nodes", "-m", "pipeline.cli", "train",
+        ]  # fmt: skip
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
+
+    nodes = [node(0), node(1)]
+    logs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(logs)
+    assert "".join(logs).count("starting fresh") == 1  # one global rank 0 speaks
+    summary = json.loads((project / "metrics" / "train.json").read_text())
+    assert summary["effective_batch_size"] == 8 and summary["steps"] == 8
 
 
 def test_in_a_log_training_prints_plain_progress_lines_and_its_cost(project):
