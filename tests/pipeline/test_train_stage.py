@@ -212,6 +212,20 @@ def test_ddp_with_two_gloo_processes_trains_and_only_rank_zero_writes(project):
     assert torch.isfinite(torch.tensor(summary["final_val_loss"]))
 
 
+def test_a_truncated_last_checkpoint_stops_the_stage_with_one_clear_line(project):
+    """The stage reads last.pt once, through the library's loader: a file cut short by a
+    crash is named, with the fix, instead of a traceback (or a silent fresh start)."""
+    assert runner.invoke(app, ["train"]).exit_code == 0
+    (run_dir,) = (project / "models" / "checkpoints").iterdir()
+    last = run_dir / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    relative = last.relative_to(project)
+    assert f"{relative} is not a readable checkpoint" in " ".join(result.output.split())
+    assert "it may be truncated" in result.output
+
+
 def test_two_nodes_meeting_at_a_rendezvous_endpoint_train_as_one_job(project):
     """Two torchrun launches, one per "node" (one gloo process each), meet at a c10d
     rendezvous endpoint: the command a two-machine job runs, on this machine."""
