@@ -335,14 +335,11 @@ class _Loop:
         if source is None:
             self.say(f"starting fresh: {why_not}")
             return
-        ckpt = _resume(self.state, source, self.net_config, self.diffusion.config, self.device)
+        unet = self.state.model.config
+        ckpt = _resume(self.state, source, unet, self.diffusion.config, self.device)
         best = ckpt["best_val_loss"]
         self.step, self.best.loss = ckpt["step"], math.inf if best is None else best
         self.say(f"resumed from {source} at step {self.step}")
-
-    @property
-    def net_config(self) -> UNetConfig:
-        return self.state.model.config
 
     def run(self, log_every: int, progress: bool) -> Trained:
         c, step, start = self.config, self.step, self.step

@@ -30,6 +30,7 @@ PREPARED = typer.Option(Path("data/prepared"), "--data", help="The prepared data
 MODELS = typer.Option(Path("models"), "--models", help="Where checkpoints/ and ema.pt live.")
 METRICS = typer.Option(Path("metrics"), "--metrics", help="Where the metrics files go.")
 SAMPLES = typer.Option(Path("samples"), "--samples", help="The sample stage's folder.")
+REFERENCE = typer.Option(Path("data/prepared"), "--data", help="Prepared data (the reference).")
 
 
 @app.command()
@@ -94,9 +95,7 @@ def sample(
 @app.command()
 def evaluate(
     params: Path = PARAMS,
-    data: Path = typer.Option(
-        Path("data/prepared"), "--data", help="Prepared data (the reference)."
-    ),
+    data: Path = REFERENCE,
     samples: Path = SAMPLES,
     metrics: Path = METRICS,
 ) -> None:
@@ -110,9 +109,7 @@ def evaluate(
 def frontier(
     params: Path = PARAMS,
     models: Path = MODELS,
-    data: Path = typer.Option(
-        Path("data/prepared"), "--data", help="Prepared data (the reference)."
-    ),
+    data: Path = REFERENCE,
     out: Path = typer.Option(Path("frontier"), "--out", help="Where the figures go."),
     metrics: Path = METRICS,
 ) -> None:

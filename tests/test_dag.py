@@ -11,14 +11,12 @@ really loads is in that set, so the graph cannot miss what Python does.
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
+from probe import cli_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ddpm", "pipeline")
@@ -123,17 +121,11 @@ def test_training_and_sampling_are_siblings_neither_imports_the_other():
 def loaded_modules(stage: str, tmp_path: Path) -> set[str]:
     """The project modules Python really loads for the stage's command, up to reading params.
 
-    ``-X importtime`` lists every module imported; the command stops at the missing params file,
-    after its stage module and everything that imports at module level have loaded.
+    The command stops at the missing params file, after its stage module and everything that
+    imports at module level have loaded.
     """
-    missing = tmp_path / "missing.yaml"
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "pipeline.cli", stage, "--params", str(missing)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    assert done.returncode == 2 and "no such params file" in done.stderr, done.stderr[-2000:]
-    names = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    text, names = cli_imports([stage, "--params", str(tmp_path / "missing.yaml")], code=2)
+    assert "no such params file" in text
     return {n for n in names if n.split(".")[0] in PACKAGES} | {"pipeline.cli"}
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import yaml
@@ -33,9 +34,26 @@ SHORT_FRONTIER = {"frontier": {"points": [{"sampler": "ddim", "steps": 2}]}}
 
 def prepare_split(root: Path, params: dict) -> Path:
     """Run the real ``prepare`` stage with ``params`` in ``root``; return the prepared folder."""
+    root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(
         app, ["prepare", "--params", str(root / "params.yaml"), "--out-dir", str(root / "data")]
     )
     assert result.exit_code == 0, result.output
     return root / "data"
+
+
+def enter_project(
+    root: Path, prepared: Path, params: dict, monkeypatch, inception_weights: Path | None = None
+) -> Path:
+    """``root`` as a project: the prepared data and params in it, the cwd, its own MLflow store
+    (through DVC_ROOT), no experiment name, and the tests' Inception weights when given."""
+    shutil.copytree(prepared, root / "data" / "prepared")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(root)
+    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DDPM_FIDELITY_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    if inception_weights is not None:
+        monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(inception_weights))
+    return root

@@ -8,27 +8,16 @@ and only the command that needs them may load them. Measured on the 2-core dev m
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from probe import cli_imports
 
-ROOT = Path(__file__).resolve().parents[2]
 HEAVY = {"torch", "mlflow", "torch_fidelity", "torchvision", "numpy", "PIL"}
 
 
 def imported_with(args: list[str], code: int = 0) -> tuple[str, set[str]]:
     """The output and the top-level packages ``python -m pipeline.cli ARGS`` imports."""
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "pipeline.cli", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    assert done.returncode == code, done.stderr[-2000:]
-    lines = [line.rsplit("|", 1)[-1] for line in done.stderr.splitlines() if "|" in line]
-    return done.stdout + done.stderr, {line.strip().split(".")[0] for line in lines}
+    text, names = cli_imports(args, code)
+    return text, {name.split(".")[0] for name in names}
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,6 @@ def test_a_published_model_is_imported_and_sampled_by_the_sample_stage(
     tmp_path, published, monkeypatch
 ):
     project = tmp_path / "project"
-    (tmp_path / "prep").mkdir()
     shutil.copytree(prepare_split(tmp_path / "prep", PARAMS), project / "data" / "prepared")
     (project / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     monkeypatch.chdir(project)

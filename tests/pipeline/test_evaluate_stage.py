@@ -8,7 +8,6 @@ labels and the errors). Inception runs at ~0.1 s an image on a CPU, so the sets 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch_fidelity
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from stages import prepare_split, project_params
+from stages import enter_project, prepare_split, project_params
 from typer.testing import CliRunner
 
 from ddpm.data.prepared import load_prepared
@@ -48,15 +47,8 @@ def prepared(tmp_path_factory) -> Path:
 @pytest.fixture
 def project(tmp_path, prepared, inception_weights, monkeypatch) -> Path:
     """Prepared data and params in the cwd; Inception weights from the environment."""
-    shutil.copytree(prepared, tmp_path / "data" / "prepared")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    monkeypatch.chdir(tmp_path)
-    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DDPM_FIDELITY_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(inception_weights))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached downloads
-    return tmp_path
+    return enter_project(tmp_path, prepared, PARAMS, monkeypatch, inception_weights)
 
 
 def write_samples(folder: Path, images: torch.Tensor) -> None:

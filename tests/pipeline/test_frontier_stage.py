@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from stages import prepare_split, project_params
+from stages import enter_project, prepare_split, project_params
 from typer.testing import CliRunner
 
 from ddpm.checkpoint import load_sampling_model
@@ -57,15 +56,8 @@ def prepared(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def project(tmp_path, prepared, inception_weights, tiny_checkpoint, monkeypatch) -> Path:
-    shutil.copytree(prepared, tmp_path / "data" / "prepared")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     tiny_checkpoint(tmp_path / "models" / "ema.pt")
-    monkeypatch.chdir(tmp_path)
-    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DDPM_FIDELITY_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(inception_weights))
-    return tmp_path
+    return enter_project(tmp_path, prepared, PARAMS, monkeypatch, inception_weights)
 
 
 def test_the_frontier_scores_every_point_and_writes_what_a_person_reads(project):

@@ -20,11 +20,10 @@ from ddpm.config import (
     TrainConfig,
     UNetConfig,
 )
-from ddpm.data.sources import DATASETS
 from ddpm.samplers import SAMPLERS, SPACINGS
 from ddpm.schedules import SCHEDULES
 from pipeline.cli import app
-from pipeline.settings import DatasetName, Params, ParamsError, load_params
+from pipeline.settings import Params, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,7 +136,6 @@ def test_every_choice_list_is_its_registry():
     assert set(get_args(ScheduleName)) == set(SCHEDULES)
     assert set(get_args(SamplerName)) == set(SAMPLERS)
     assert set(get_args(Spacing)) == set(SPACINGS)
-    assert set(get_args(DatasetName)) == set(DATASETS)
 
 
 @pytest.mark.parametrize("stage", ["download", "prepare", "train", "sample", "evaluate"])

@@ -4,17 +4,15 @@ and the trained model is a registered pyfunc that generates images."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from stages import prepare_split, project_params
+from stages import enter_project, prepare_split, project_params
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -58,14 +56,8 @@ PARAMS = project_params(
 def test_the_trained_model_is_a_registered_pyfunc_that_generates_the_sample_stages_images(
     tmp_path, inception_weights, monkeypatch
 ):
-    (tmp_path / "prep").mkdir()
-    shutil.copytree(prepare_split(tmp_path / "prep", PARAMS), tmp_path / "data" / "prepared")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    monkeypatch.chdir(tmp_path)
-    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DDPM_FIDELITY_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(inception_weights))
+    prepared = prepare_split(tmp_path / "prep", PARAMS)
+    enter_project(tmp_path, prepared, PARAMS, monkeypatch, inception_weights)
     for stage in ("train", "sample", "evaluate"):
         result = CliRunner().invoke(app, [stage])
         assert result.exit_code == 0, result.output
