@@ -13,8 +13,9 @@ every round), so that a shared machine's noise falls on both alike; every figure
    step is also timed exactly, with a network that costs nothing; the DDIM-50 vs DDPM-1000
    cost ratio is computed from it and the bare forward, so that the forward's noise (a 6 s
    call on a shared CPU) does not swamp a difference of milliseconds.
-3. The data feed (``ddpm.train.draw_batch``: index, flip, scale a uint8 (4250, 3, 32, 32)
-   tensor) against the training step, in images per second.
+3. Both data feeds of ``ddpm.feed`` (index, flip, scale a cars-sized uint8 split: held on the
+   device, and streamed from a memory-mapped .npy file by the background thread) against the
+   training step, in images per second.
 4. On CUDA: training at batch 128 under bf16 autocast, with and without torch.compile, peak
    memory, and model FLOPs utilisation (forward FLOPs from ``torch.utils.flop_counter``,
    training counted as 3x forward, over ``--peak-tflops``).
@@ -41,11 +42,13 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,10 +58,10 @@ from ddpm.checkpoint import SamplingModel
 from ddpm.config import SamplerConfig, UNetConfig
 from ddpm.diffusers_format import state_to_diffusers, unet_config_to_diffusers
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.feed import DeviceFeed, StreamFeed, draw
 from ddpm.pixels import to_uint8
 from ddpm.progress import Progress
 from ddpm.samplers import ddim_sample, ddpm_sample, dpm_solver_sample
-from ddpm.train import draw_batch
 from ddpm.unet import UNet
 from pipeline.frontier import Point, render
 from pipeline.settings import FrontierParams, FrontierPoint
@@ -464,25 +467,35 @@ def ddim_loop_rows(model: UNet, args: argparse.Namespace, device: torch.device) 
     ]  # fmt: skip
 
 
-def feed_row(batch: int, device: torch.device, train_rate: float, train_what: str) -> Row:
-    """draw_batch (index, flip, scale to [-1, 1]) from a cars-sized uint8 tensor, images/s."""
-    gen = torch.Generator(device).manual_seed(0)
-    images = torch.randint(0, 256, CARS_SHAPE, dtype=torch.uint8, generator=gen, device=device)
-    calls = 200
+def _batches(feed: DeviceFeed | StreamFeed, start: int, count: int) -> None:
+    for step in range(start, start + count):
+        feed.batch(step)
 
-    def feed() -> None:
-        for _ in range(calls):
-            draw_batch(images, None, batch, True, gen)
 
-    feed()
-    per_call = statistics.median(timed(feed, device) for _ in range(7)) / calls
-    return Row(
-        f"data feed, batch {batch} ({device.type})",
-        "feed",
-        Figure(per_call, batch),
-        ratio=batch / per_call / train_rate,
-        note=f"over our fastest training row ({train_what}: {train_rate:.1f} img/s); target >= 10x",
-    )
+def feed_rows(batch: int, device: torch.device, train_rate: float, train_what: str) -> list[Row]:
+    """Both feeds of a cars-sized uint8 split, images/s of ready [-1, 1] batches on ``device``:
+    the split held there, and streamed from a memory-mapped .npy file (the prepared format)."""
+    images = np.random.default_rng(0).integers(0, 256, CARS_SHAPE, dtype=np.uint8)
+    calls, rows = 200, []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "train_images.npy", images)
+        mapped = np.load(Path(tmp) / "train_images.npy", mmap_mode="r")
+        for name, feed in (("device", DeviceFeed), ("stream from disk", StreamFeed)):
+            source = feed(mapped, None, device)
+            seconds = []
+            for start in range(0, 8 * calls, calls):  # one warm-up pass, then 7 timed
+                source.start(start, lambda step: draw(step, len(images), batch, hflip=True))
+                run = functools.partial(_batches, source, start, calls)
+                seconds.append(timed(run, device) / calls)
+            source.close()
+            per_call = statistics.median(seconds[1:])
+            rows.append(Row(
+                f"data feed ({name}), batch {batch} ({device.type})", "feed",
+                Figure(per_call, batch), ratio=batch / per_call / train_rate,
+                note=f"over our fastest training row ({train_what}: {train_rate:.1f} img/s); "
+                "target >= 10x",
+            ))  # fmt: skip
+    return rows
 
 
 def forward_flops(model: nn.Module, batch: int, device: torch.device) -> int:
@@ -563,7 +576,7 @@ def gpu_rows(
         rows.append(row._replace(note=f"compile {compile_s:.0f} s; theirs eager"))
         best = min(best, seconds["ours"])
         show(rows[-1])
-    rows.append(feed_row(batch, device, batch / best, "GPU bf16"))
+    rows += feed_rows(batch, device, batch / best, "GPU bf16")
     return rows
 
 
@@ -753,7 +766,7 @@ def main() -> None:
     if not (cuda and args.gpu_only):
         rows += cpu_train_rows(ours, theirs, args, rates)
         what, rate = max(rates.items(), key=lambda item: item[1])
-        rows.append(feed_row(8, torch.device("cpu"), rate, what))
+        rows += feed_rows(8, torch.device("cpu"), rate, what)
     device = torch.device("cuda" if cuda else "cpu")
     rows += sampler_rows(ours.to(device), args, device)
     rows += ddim_loop_rows(ours, args, device)

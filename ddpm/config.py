@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ScheduleName = Literal["linear", "cosine", "sigmoid"]
 Prediction = Literal["eps", "x0", "v"]
@@ -149,6 +149,18 @@ class TrainConfig(_Frozen):
     compile: bool = Field(False, description="torch.compile the model.")
     channels_last: bool = Field(True, description="channels_last memory format.")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms.")
+    data_budget: float | Literal["auto"] = Field(
+        "auto",
+        description="GiB of training images held on the device; more are streamed from disk. "
+        "auto: a quarter of the free device memory (host RAM on a CPU); 0: always stream.",
+    )
+
+    @field_validator("data_budget")
+    @classmethod
+    def _check_budget(cls, value: float | str) -> float | str:
+        if value != "auto" and not value >= 0:
+            raise ValueError(f"data_budget must be 'auto' or a number of GiB >= 0; got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check_betas(self) -> TrainConfig:

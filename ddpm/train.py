@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +34,7 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import Distributed
 from ddpm.ema import EMA
 from ddpm.errors import CheckpointError, NonFiniteLossError
+from ddpm.feed import Draw, draw, in_memory, make_feed
 from ddpm.pixels import to_float, to_uint8
 from ddpm.progress import Progress
 from ddpm.samplers import ddim_sample
@@ -42,10 +44,11 @@ COST_STEPS = 5  # steps timed, after the first (warm-up, compilation), for the c
 
 
 class Dataset(NamedTuple):
-    """Images as one uint8 tensor (N, H, W, C) and labels (N,) int64, or None."""
+    """Images uint8 (N, H, W, C), a tensor or an array (a memory-mapped one stays on disk
+    unless it fits the device budget, see :mod:`ddpm.feed`), and labels (N,) int64, or None."""
 
-    images: torch.Tensor
-    labels: torch.Tensor | None = None
+    images: torch.Tensor | np.ndarray
+    labels: torch.Tensor | np.ndarray | None = None
 
 
 @dataclass
@@ -81,22 +84,12 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return ((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63
 
 
-def draw_batch(
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
-    batch_size: int,
-    hflip: bool,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A random batch from images uint8 (N, C, H, W) on the device: x0 (B, C, H, W) in [-1, 1]."""
-    idx = torch.randint(
-        0, images.shape[0], (batch_size,), device=images.device, generator=generator
-    )
-    x = images[idx]
-    if hflip:
-        flip = torch.rand(batch_size, device=images.device, generator=generator) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    return to_float(x), None if labels is None else labels[idx]
+DRAW, DROPOUT = 1, 2  # substreams of a step's seed; 0 (the seed itself): timesteps, noise
+
+
+def substream(rng: int, k: int) -> int:
+    """Seed ``k`` of a step: distinct seeds, so batches, dropout and noise are not correlated."""
+    return (rng * 1_000_003 + k) % 2**63
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -222,41 +215,31 @@ class _Best:
         return patience is not None and self.misses >= patience
 
 
-def _on_device(
-    train_data: Dataset,
-    val_data: Dataset,
-    unet_config: UNetConfig,
-    config: TrainConfig,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor | None, Dataset]:
-    """Training images uint8 (N, C, H, W) and labels, and the validation set, on the device."""
-    images = train_data.images.to(device).permute(0, 3, 1, 2).contiguous()
-    labels = None if train_data.labels is None else train_data.labels.to(device)
-    if unet_config.num_classes is not None and labels is None:
-        raise ValueError("model.num_classes is set but the data set has no labels")
-    n_val = min(config.val_images, val_data.images.shape[0])
-    val = Dataset(
-        val_data.images[:n_val].to(device).permute(0, 3, 1, 2).contiguous(),
-        None if val_data.labels is None else val_data.labels[:n_val].to(device),
+def _validation_set(val_data: Dataset, n: int, device: torch.device) -> Dataset:
+    """The first ``n`` validation images uint8 (n, C, H, W) and their labels, on the device."""
+    images = in_memory(val_data.images[:n])
+    labels = None if val_data.labels is None else in_memory(val_data.labels[:n])
+    return Dataset(
+        images.to(device).permute(0, 3, 1, 2).contiguous(),
+        None if labels is None else labels.to(device),
     )
-    return images, labels, val
 
 
 def _step(
     state: _State,
     net: nn.Module,
     diffusion: GaussianDiffusion,
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
+    batch: tuple[torch.Tensor, torch.Tensor | None],
     config: TrainConfig,
     rng: int,
     amp: AbstractContextManager,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step, every random draw seeded by ``rng``: (loss, gradient norm) tensors."""
-    device = images.device
+    """One optimizer step on ``batch`` (x0, labels), every other random draw seeded by ``rng``:
+    (loss, gradient norm) tensors."""
+    x0, y = batch
+    device = x0.device
     gen = torch.Generator(device).manual_seed(rng)
-    torch.manual_seed(rng)  # dropout draws from the global generator
-    x0, y = draw_batch(images, labels, config.batch_size, config.hflip, gen)
+    torch.manual_seed(substream(rng, DROPOUT))  # dropout draws from the global generator
     if state.model.null_class is not None and config.label_dropout > 0:  # conditional
         drop = torch.rand(y.shape, device=device, generator=gen) < config.label_dropout
         y = torch.where(drop, state.model.null_class, y)
@@ -323,7 +306,16 @@ class _Loop:
         self.state = _build(unet_config, self.config, ema_config, device)
         self.configs = configs_to_json(*configs)
         self.last, self.best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
-        self.images, self.labels, self.val = _on_device(*data, unet_config, self.config, device)
+        train_data, val_data = data
+        if unet_config.num_classes is not None and train_data.labels is None:
+            raise ValueError("model.num_classes is set but the data set has no labels")
+        n_val = min(self.config.val_images, len(val_data.images))
+        self.val = _validation_set(val_data, n_val, device)
+        self.num_images = len(train_data.images)
+        self.feed, why = make_feed(
+            train_data.images, train_data.labels, device, self.config.data_budget
+        )
+        self.say(f"data: {why}")
         model = self.state.model
         self.net = dist.wrap(torch.compile(model) if self.config.compile else model)
         bf16 = self.config.bf16 and device.type == "cuda"
@@ -342,6 +334,18 @@ class _Loop:
         self.say(f"resumed from {source} at step {self.step}")
 
     def run(self, log_every: int, progress: bool) -> Trained:
+        self.feed.start(self.step, self._draw)
+        try:
+            return self._run(log_every, progress)
+        finally:
+            self.feed.close()
+
+    def _draw(self, step: int) -> Draw:
+        """The images and flips of ``step``: a function of (seed, rank, step) only."""
+        rng = substream(step_seed(self.seed, self.dist.rank, step), DRAW)
+        return draw(rng, self.num_images, self.config.batch_size, self.config.hflip)
+
+    def _run(self, log_every: int, progress: bool) -> Trained:
         c, step, start = self.config, self.step, self.step
         if self.hooks.on_start and self.dist.is_main:
             self.hooks.on_start(step)
@@ -352,8 +356,9 @@ class _Loop:
             while step < c.steps:
                 # 1. One optimizer step; every random draw is a function of (seed, rank, step)
                 rng = step_seed(self.seed, self.dist.rank, step)
+                batch = self.feed.batch(step)
                 loss, grad_norm = _step(
-                    self.state, self.net, self.diffusion, self.images, self.labels, c, rng, self.amp
+                    self.state, self.net, self.diffusion, batch, c, rng, self.amp
                 )
                 step += 1
                 self.state.ema.update(self.state.model, step)

@@ -7,6 +7,7 @@ Bad input ends the stage with one message: exit code 2 for params.yaml, 1 for th
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,15 @@ def prepare_stage(params: Path, raw_dir: Path, out_dir: Path) -> None:
     """Extract the chosen dataset into train/val uint8 arrays, labels and a manifest."""
     with stage_errors():
         p = load_params(params)
-        manifest = write_prepared(out_dir, build_dataset(_request(p, raw_dir)))
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # An image folder's decoded images wait on disk, beside the output, not in memory.
+        scratch = tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.work-", dir=out_dir.parent)
+        with scratch as work:
+            manifest = write_prepared(out_dir, build_dataset(_request(p, raw_dir, Path(work))))
         _summarise(manifest, out_dir)
 
 
-def _request(p: Params, raw_dir: Path) -> DataRequest:
+def _request(p: Params, raw_dir: Path, work_dir: Path) -> DataRequest:
     return DataRequest(
         dataset=p.dataset,
         image_size=p.image_size,
@@ -39,6 +44,7 @@ def _request(p: Params, raw_dir: Path) -> DataRequest:
         val_fraction=p.data.val_fraction,
         num_images=p.data.num_images,
         bad_images=p.data.bad_images,
+        work_dir=work_dir,
     )
 
 

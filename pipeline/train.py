@@ -71,7 +71,7 @@ class Curves:
 RESUMABLE = {
     "steps", "val_every", "val_timesteps", "val_images", "checkpoint_every", "sample_every",
     "sample_images", "sample_steps", "compile", "early_stopping_patience",
-    "early_stopping_min_delta",
+    "early_stopping_min_delta", "data_budget",
 }  # fmt: skip
 
 
@@ -125,7 +125,7 @@ def train_stage(
             distributed(Machine()) as (dist, device),
             Tracker(p.model_dump(mode="json"), "train", enabled=dist.is_main) as tracker,
         ):
-            splits = load_prepared(data, "train"), load_prepared(data, "val")
+            splits = load_prepared(data, "train", mmap=True), load_prepared(data, "val", mmap=True)
             num_classes = splits[0].manifest["num_classes"] if p.model.conditional else None
             unet_config = p.unet_config(num_classes)
             sha = splits[0].manifest["splits"]["train"]["images_sha256"]

@@ -35,13 +35,18 @@ def test_the_gpu_rows_run_end_to_end_and_are_judged_against_the_target():
     config = UNetConfig(base_channels=32, attention_resolutions=(16,), num_groups=8)
     args = argparse.Namespace(gpu_batch=2, peak_tflops=989.0, warmup=1, iters=1, no_compile=True)
     rows = bench.gpu_rows(config, args, torch.device("cpu"))
-    assert [r.what for r in rows] == ["GPU train bf16 eager, batch 2", "data feed, batch 2 (cpu)"]
-    eager, feed = rows
+    assert [r.what for r in rows] == [
+        "GPU train bf16 eager, batch 2",
+        "data feed (device), batch 2 (cpu)",
+        "data feed (stream from disk), batch 2 (cpu)",
+    ]
+    eager, feed, stream = rows
     for figure in (eager.ours, eager.theirs):
         assert figure.seconds > 0 and figure.images == 2 and 0 < figure.mfu < 1
         assert math.isnan(figure.step_gib) and math.isnan(figure.total_gib)  # no CUDA counters
     assert eager.ratio == pytest.approx(eager.ours.seconds / eager.theirs.seconds)
-    assert feed.ratio == pytest.approx(feed.ours.rate / eager.ours.rate)
+    for row in (feed, stream):
+        assert row.ratio == pytest.approx(row.ours.rate / eager.ours.rate)
     assert "MFU" in bench.cells(eager)[2] and "ours step peak nan GiB" in bench.cells(eager)[4]
     assert math.isnan(bench.peak_memory(lambda: None, torch.device("cpu"))[0])
     verdicts = bench.interpretation(rows, gpu=True)

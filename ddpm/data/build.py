@@ -38,6 +38,8 @@ class DataRequest:
         num_images: images to generate (synthetic).
         bad_images: unreadable files in an image folder: skip them or fail.
         progress: show progress bars on stderr when it is a terminal.
+        work_dir: scratch space for an image folder's decoded images, which then never sit in
+            memory whole; it must outlive the result (until the splits are written).
     """
 
     dataset: str
@@ -52,6 +54,7 @@ class DataRequest:
     num_images: int = 2000
     bad_images: Literal["skip", "fail"] = "skip"
     progress: bool = True
+    work_dir: Path | None = None
 
 
 def build_dataset(request: DataRequest) -> Extracted:
@@ -110,6 +113,7 @@ def _image_folder(r: DataRequest) -> Extracted:
         seed=r.seed,
         bad_images=r.bad_images,
         progress=r.progress,
+        work_dir=r.work_dir,
     )
 
 

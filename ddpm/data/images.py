@@ -35,6 +35,16 @@ def decode_rgb(source: bytes | Path) -> Image.Image:
         return image.convert("RGB")
 
 
+def decode_square(path: Path, size: int) -> tuple[np.ndarray | None, bool]:
+    """One image file decoded and squared: ``(uint8 (size, size, 3), upscaled)``, or
+    ``(None, False)`` when the file cannot be read as an image."""
+    try:
+        image = decode_rgb(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # broken
+        return None, False
+    return to_square_array(image, size), min(image.size) < size
+
+
 def to_square_array(image: Image.Image, size: int) -> np.ndarray:
     """Centre-crop to a square and resize: uint8 array (size, size, 3)."""
     if image.size != (size, size):

@@ -124,3 +124,33 @@ def test_list_images_matches_suffixes_in_any_case(tmp_path):
     for name in ("a.PNG", "b.JpEg", "c.webp", "d.gif", "e.jpg"):
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in list_images(tmp_path)] == ["a.PNG", "b.JpEg", "c.webp", "e.jpg"]
+
+
+def test_decoding_in_workers_onto_disk_gives_the_arrays_decoding_in_memory_does(tmp_path):
+    from ddpm.data.prepared import load_prepared, write_prepared
+    from ddpm.data.split import RowFile
+
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        pixels = rng.integers(0, 256, (12, 10 + i % 5, 3), dtype=np.uint8)
+        path = folder / ("cats" if i % 3 else "dogs") / f"{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+    (folder / "cats" / "broken.png").write_bytes(b"truncated")
+    options = {"val_fraction": 0.25, "seed": 3}
+    memory = read(folder, **options)
+    work = tmp_path / "work"
+    work.mkdir()
+    disk = read(folder, work_dir=work, workers=2, **options)
+    assert disk.info == memory.info and disk.info["num_skipped"] == 1
+    for name in ("train", "val"):
+        assert isinstance(disk.splits[name].images, RowFile)
+        assert np.array_equal(disk.splits[name].images[:], memory.splits[name].images)
+        assert np.array_equal(disk.splits[name].labels, memory.splits[name].labels)
+    assert (len(memory.splits["train"].images), len(memory.splits["val"].images)) == (30, 10)
+    a, b = write_prepared(tmp_path / "a", memory), write_prepared(tmp_path / "b", disk)
+    assert a == b  # the same manifest, checksums included
+    for name in ("train_images.npy", "val_images.npy", "train_labels.npy"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert np.array_equal(load_prepared(tmp_path / "b", "val").images, memory.splits["val"].images)

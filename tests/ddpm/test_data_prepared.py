@@ -69,10 +69,10 @@ def test_writing_again_replaces_the_folder_and_leaves_no_temporary_files(tmp_pat
 def test_a_failed_write_leaves_the_previous_folder_intact(tmp_path, monkeypatch):
     write_prepared(tmp_path / "out", extracted(fill=1))
 
-    def broken_save(*args: object, **kwargs: object) -> None:
+    def broken_write(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(prepared_module.np, "save", broken_save)
+    monkeypatch.setattr(prepared_module, "write_npy", broken_write)
     with pytest.raises(OSError, match="disk full"):
         write_prepared(tmp_path / "out", extracted(fill=2))
     monkeypatch.undo()
@@ -118,3 +118,14 @@ def test_make_split_checks_shapes_and_dtypes():
         make_split(np.zeros((2, 4, 4), np.uint8), np.zeros(2))
     with pytest.raises(ValueError, match=r"labels must be \(2,\)"):
         make_split(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(3))
+
+
+def test_the_chunked_writer_writes_what_np_save_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepared_module, "CHUNK_BYTES", 100)  # 2 rows of 48 bytes a chunk
+    images = np.random.default_rng(0).integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+    digest = prepared_module.write_npy(tmp_path / "chunked.npy", images)
+    np.save(tmp_path / "saved.npy", images)
+    assert (tmp_path / "chunked.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
+    assert digest == hashlib.sha256(images).hexdigest()
+    prepared_module.write_npy(tmp_path / "empty.npy", images[:0])
+    assert np.load(tmp_path / "empty.npy").shape == (0, 4, 4, 3)

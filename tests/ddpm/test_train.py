@@ -13,7 +13,6 @@ from ddpm.errors import NonFiniteLossError
 from ddpm.train import (
     Dataset,
     Hooks,
-    draw_batch,
     lr_factor,
     train,
     validation_loss,
@@ -164,18 +163,6 @@ def test_lr_warms_up_linearly_then_follows_its_schedule():
     assert lr_factor(60, config) == pytest.approx(0.5)
     assert lr_factor(110, config) == pytest.approx(0.0)
     assert lr_factor(60, short(steps=110, warmup_steps=10)) == 1.0
-
-
-def test_batches_are_scaled_to_minus_one_one_and_flipped_half_the_time():
-    images = torch.arange(4 * 3 * 2 * 2, dtype=torch.uint8).reshape(4, 3, 2, 2) * 10
-    images[:, :, :, 0] = 0
-    images[:, :, :, 1] = 255
-    x, _ = draw_batch(images, None, 2000, True, torch.Generator().manual_seed(0))
-    assert x.min() == -1 and x.max() == 1
-    flipped = (x[:, 0, 0, 0] == 1).float().mean().item()
-    assert 0.45 < flipped < 0.55
-    x, _ = draw_batch(images, None, 100, False, torch.Generator().manual_seed(0))
-    assert bool((x[:, :, :, 0] == -1).all())
 
 
 def test_early_stopping_ends_the_run_after_patience_validations_without_improvement(tmp_path, data):
