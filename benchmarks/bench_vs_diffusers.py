@@ -51,6 +51,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from results import RESULTS, write_section
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -66,7 +67,6 @@ from ddpm.unet import UNet
 from pipeline.frontier import Point, render
 from pipeline.settings import FrontierParams, FrontierPoint
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 TARGET_RATIO = 0.9  # ours / theirs training-step time, fp32
 GPU_TARGET = 5_000  # training images per second at batch 128, bf16, one H100
 CARS_SHAPE = (4250, 3, 32, 32)  # the prepared CIFAR-10 cars tensor, uint8
@@ -777,7 +777,7 @@ def main() -> None:
     notes = interpretation(rows, cuda)
     print("\n".join(notes))
     if not args.no_write:
-        args.results.write_text(markdown(rows, command, notes))
+        write_section(args.results, "unet", markdown(rows, command, notes))
         print(f"wrote {args.results}")
 
 

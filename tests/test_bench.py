@@ -5,6 +5,7 @@ speed is the script's job, not the tests'.)"""
 import argparse
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from ddpm.config import UNetConfig
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_vs_diffusers.py"
+sys.path.insert(0, str(SCRIPT.parent))  # as when the script runs: its folder comes first
 spec = importlib.util.spec_from_file_location("bench_vs_diffusers", SCRIPT)
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
@@ -65,3 +67,28 @@ def test_the_ddim_loop_rows_time_the_frontier_stage_and_diffusers_loop_side_by_s
     assert loop.ratio == pytest.approx(loop.ours.seconds / loop.theirs.seconds)
     (verdict,) = bench.ddim_loop_verdict([stage, loop])
     assert "goal <= 0.8" in verdict and "plain DDIM loop" in verdict
+
+
+def test_each_benchmark_rewrites_only_its_own_section_of_the_results(tmp_path):
+    from results import write_section
+
+    path = tmp_path / "RESULTS.md"
+    write_section(path, "unet", "# UNet\n| a |")
+    write_section(path, "prepare", "## Prepare\n| b |")
+    write_section(path, "unet", "# UNet\n| c |")
+    text = path.read_text()
+    assert "| a |" not in text and "| c |" in text and "| b |" in text
+    assert text.index("| c |") < text.index("| b |")  # in place, not moved to the end
+
+
+def test_the_prepare_benchmark_measures_three_ways_of_preparing_a_folder(tmp_path):
+    prepare = pytest.importorskip("bench_prepare")
+    prepare.main(["--images", "30", "--workers", "2", "--folder", str(tmp_path / "folder"),
+                  "--results", str(tmp_path / "RESULTS.md")])  # fmt: skip
+    table = (tmp_path / "RESULTS.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "img/s" in line]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| in memory, 1 process", "| on disk, 1 process", "| on disk, 2 processes"
+    ]  # fmt: skip
+    assert all(r.split(" | ")[1] == "30" for r in rows)  # every image prepared, every way
+    assert rows[2].split(" | ")[5].endswith("MiB")  # the workers' peak was measured
