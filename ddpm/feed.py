@@ -65,6 +65,14 @@ def in_memory(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(images if images.flags.writeable else np.array(images))
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without stalling the host: a copy from pageable memory to a
+    GPU waits for all the work queued there, one from pinned memory does not."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free on ``device``: CUDA's free memory, or the host's available RAM."""
     if device.type == "cuda":
@@ -84,16 +92,22 @@ def budget_bytes(budget: Budget, device: torch.device) -> int:
     return int(budget * 2**30)
 
 
+def size_text(nbytes: int) -> str:
+    """1,536 -> '1.5 KiB'; the largest binary unit that leaves at least 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes} B"
+
+
 def choose_feed(nbytes: int, budget: Budget, device: torch.device) -> tuple[str, str]:
     """``("device" | "stream", why)``: the feed for a split of ``nbytes`` under ``budget``."""
     limit = budget_bytes(budget, device)
-    what = f"{nbytes / 2**20:,.0f} MiB of images"
+    what, allowed = f"{size_text(nbytes)} of images", size_text(limit)
     rule = "a quarter of the free memory" if budget == "auto" else f"train.data_budget={budget}"
     if nbytes <= limit:
-        return "device", f"{what} held on {device.type} ({limit / 2**20:,.0f} MiB allowed: {rule})"
-    return "stream", (
-        f"{what} streamed from disk: over the {limit / 2**20:,.0f} MiB allowed ({rule})"
-    )
+        return "device", f"{what} held on {device.type} ({allowed} allowed: {rule})"
+    return "stream", f"{what} streamed from disk: over the {allowed} allowed ({rule})"
 
 
 class DeviceFeed:
@@ -110,7 +124,7 @@ class DeviceFeed:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x0 (B, C, H, W) in [-1, 1] and labels (B,) or None, on the device."""
-        index, flip = (t.to(self.device) for t in self.draws(step))
+        index, flip = (to_device(t, self.device) for t in self.draws(step))
         y = None if self.labels is None else self.labels[index]
         return to_batch(self.images[index], flip), y
 
@@ -144,6 +158,9 @@ class StreamFeed:
         out = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin)
         np.take(self.images, index, axis=0, out=out.numpy())
         y = None if self.labels is None else self.labels[d.index]
+        if self.pin:  # pinned here, in the background, so that batch() never waits
+            y, flip = None if y is None else y.pin_memory(), d.flip.pin_memory()
+            return out, y, flip
         return out, y, d.flip
 
     def _fill(self, step: int, draws: Callable[[int], Draw]) -> None:
@@ -170,9 +187,7 @@ class StreamFeed:
         if isinstance(item, Exception):
             raise item
         assert got == step, f"the stream is at step {got}, the loop at {step}"
-        images, y, flip = (
-            None if t is None else t.to(self.device, non_blocking=True) for t in item
-        )
+        images, y, flip = (None if t is None else to_device(t, self.device) for t in item)
         return to_batch(images.permute(0, 3, 1, 2).contiguous(), flip), y
 
     def close(self) -> None:

@@ -124,6 +124,19 @@ def frontier(
 
 
 @app.command()
+def track(params: Path = PARAMS, models: Path = MODELS, metrics: Path = METRICS) -> None:
+    """Complete the experiment's MLflow run from the results on disk; the last stage.
+
+    A stage DVC restores from its run cache logs nothing; this logs the metrics of
+    metrics/*.json and the loss curves that the run lacks, the model from models/ema.pt if the
+    run has none, and registers it when registry.enabled is true.
+    """
+    from pipeline.track import track_stage
+
+    track_stage(params, models, metrics)
+
+
+@app.command()
 def convert(
     from_diffusers: Path | None = typer.Option(
         None, help="A diffusers UNet2DModel folder (config.json + weights) to import."

@@ -24,6 +24,7 @@ from pipeline.fidelity import (
     plan,
     reference_cache_name,
 )
+from pipeline.logged import eval_metrics
 from pipeline.outputs import write_json
 from pipeline.settings import PRC_NEIGHBORHOOD, EvaluateParams, Machine, Params, load_params
 from pipeline.tracking import Tracker
@@ -84,11 +85,6 @@ def evaluate_stage(params: Path, data: Path, samples: Path, metrics: Path) -> No
             summary = evaluate(p, data, samples, tracker)
             write_json(metrics / "eval.json", summary)
             tracker.log_artifact(metrics / "eval.json", "metrics")
-            if p.registry.enabled:
-                scores = {
-                    k: str(summary[k]) for k in ("fid", "kid_mean", "isc_mean") if k in summary
-                }
-                tracker.register_model(p.registry.model_name, {**scores, "label": summary["label"]})
             typer.echo(json.dumps(summary, indent=2))
 
 
@@ -110,8 +106,7 @@ def evaluate(p: Params, data: Path, samples: Path, tracker: Tracker) -> dict[str
             str(found.folder), UInt8Images(split.images), name, x, e, p.seed,
             machine.fidelity_cache,
         )  # fmt: skip
-    tracker.log_metrics({**results, "num_images": float(found.count)})
-    return {
+    summary = {
         **results,
         "num_images": found.count,
         "reference_split": e.reference_split,
@@ -122,6 +117,8 @@ def evaluate(p: Params, data: Path, samples: Path, tracker: Tracker) -> dict[str
         "weights": _weights_name(extractions),
         "label": label(extractions, found.count),
     }
+    tracker.log_metrics(eval_metrics(summary))
+    return summary
 
 
 def _weights_name(extractions: list[Extraction]) -> str:

@@ -40,6 +40,7 @@ from ddpm.progress import Progress
 from ddpm.samplers import make_timesteps
 from pipeline.errors import ParamsError, stage_errors
 from pipeline.fidelity import Extraction, UInt8Images, fidelity, label, plan, reference_cache_name
+from pipeline.logged import frontier_metrics
 from pipeline.outputs import save_png, write_json
 from pipeline.runtime import pick_device
 from pipeline.settings import FrontierParams, Machine, Params, load_params
@@ -199,10 +200,10 @@ def frontier(p: Params, models: Path, data: Path, tracker: Tracker) -> tuple[lis
     extraction, n = _inception(p, machine, split, net), p.frontier.num_images
     tracker.log_dataset(split.manifest, p.evaluate.reference_split, "evaluation")
     scored = score_points(net, points, p, split, extraction, device)
-    for s in scored:
-        values = {f"{s.point.series}/{k}": v for k, v in s.scores.items()}
-        tracker.log_metrics({**values, f"{s.point.series}/seconds": s.seconds}, s.point.nfe)
-    return scored, summary(scored, n, label([extraction], n))
+    tree = summary(scored, n, label([extraction], n))
+    for nfe, values in frontier_metrics(tree):
+        tracker.log_metrics(values, nfe)
+    return scored, tree
 
 
 def _inception(p: Params, machine: Machine, split: PreparedSplit, net: SamplingModel) -> Extraction:

@@ -1,7 +1,7 @@
 """The trained EMA model as an MLflow model: a pyfunc that generates images.
 
 The train stage logs it with the run (``model/``); with ``registry.enabled: true`` the
-evaluate stage registers it under ``registry.model_name``, its FID as a tag. Then, offline on
+track stage registers it under ``registry.model_name``, its FID as a tag. Then, offline on
 the SQLite store as on a server::
 
     import mlflow, pandas as pd

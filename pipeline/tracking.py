@@ -136,14 +136,51 @@ class Tracker:
             except Exception as err:
                 self._fail("closing the run", err)
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Log ``metrics`` as ``<stage group>/<name>``."""
+    def log_metrics(
+        self, metrics: dict[str, float], step: int | None = None, group: str | None = None
+    ) -> None:
+        """Log ``metrics`` as ``<group>/<name>``; the group is the stage's unless given."""
         if self.enabled:
-            group = METRIC_GROUPS.get(self.stage, self.stage)
+            group = group or METRIC_GROUPS.get(self.stage, self.stage)
             try:
                 self._mlflow.log_metrics({f"{group}/{k}": v for k, v in metrics.items()}, step)
             except Exception as exc:
                 self._fail("logging metrics", exc)
+
+    def logged(self) -> set[str] | None:
+        """The names of the metrics the run holds (None when tracking is off)."""
+        if not self.enabled:
+            return None
+        try:
+            return set(self._mlflow.get_run(self.run_id).data.metrics)
+        except Exception as exc:
+            self._fail("reading the run", exc)
+            return None
+
+    def has_model(self) -> bool:
+        """Whether this run logged its pyfunc ``model`` (True when tracking is off: no work)."""
+        if not self.enabled:
+            return True
+        try:
+            found = self._mlflow.search_logged_models(
+                filter_string="name = 'model'", output_format="list"
+            )
+            return any(m.source_run_id == self.run_id for m in found)
+        except Exception as exc:
+            self._fail("looking for the model", exc)
+            return True
+
+    def registered(self, name: str) -> bool:
+        """Whether a version of ``name`` comes from this run (True when tracking is off)."""
+        if not self.enabled:
+            return True
+        try:
+            client = self._mlflow.MlflowClient()
+            versions = client.search_model_versions(f"name = '{name}'")
+            return any(v.run_id == self.run_id for v in versions)
+        except Exception as exc:
+            self._fail("looking up the registry", exc)
+            return True
 
     def log_dataset(self, manifest: dict[str, Any], split: str, context: str) -> None:
         """A prepared split as the run's dataset input, so the UI's Dataset column names it:

@@ -1,7 +1,8 @@
 """``pipeline train``: train the UNet on the prepared split, tracked in MLflow.
 
 Outputs: ``models/checkpoints/<key>/`` (``last.pt``, ``best.pt``, the live loss curves and
-preview grids; DVC ``persist: true`` so a killed ``dvc repro`` resumes), ``models/ema.pt``
+preview grids; not a DVC output, so DVC never deletes it and a killed ``dvc repro`` resumes,
+while the stage itself stays restorable from DVC's run cache), ``models/ema.pt``
 (the final EMA weights with their config), ``metrics/train.json`` and the curves in
 ``metrics/``.
 """
@@ -23,6 +24,7 @@ from ddpm.files import atomic_write_bytes
 from ddpm.pixels import grid
 from ddpm.train import Dataset, Hooks, Trained, TrainResult, train
 from pipeline.errors import stage_errors
+from pipeline.logged import train_metrics
 from pipeline.outputs import save_png, write_json
 from pipeline.runtime import distributed
 from pipeline.settings import Machine, Params, load_params
@@ -169,15 +171,7 @@ def publish(
     report.tracker.log_model(payload)
     summary = _summary(trained.result, effective_batch, report.folder)
     write_json(metrics / "train.json", summary)
-    report.tracker.log_metrics(
-        {
-            "steps": float(summary["steps"]),
-            "best_val_loss": summary["best_val_loss"],
-            "wall_time_s": summary["wall_time_s"],
-            "mean_images_per_second": summary["images_per_second"],
-            "effective_batch_size": float(effective_batch),
-        }
-    )
+    report.tracker.log_metrics(train_metrics(summary))
     report.tracker.log_artifact(weights, "weights")
     for path in report.curves.publish(metrics):
         report.tracker.log_artifact(path, "curves")

@@ -129,6 +129,37 @@ def test_dvc_exp_run_with_a_cosine_schedule_is_a_second_tracked_experiment(smoke
     assert math.isfinite(by_name["cosine-smoke"].data.metrics["eval/fid"])
 
 
+def test_a_queued_sweep_over_sampling_runs_every_point_without_training_and_tracks_each(smoke):
+    """DVC's grid syntax, one worker: both experiments end, train comes from the run cache,
+    and each MLflow run, named after its experiment, holds the swept param and every metric,
+    the restored stages' included (logged by track)."""
+    dvc(smoke, "exp", "run", "--queue", "-S", "sample.steps=4,6")
+    done = dvc(smoke, "exp", "run", "--run-all", "-j", "1")
+    assert done.stdout.count("Running stage 'sample'") == 2, done.stdout
+    assert "Running stage 'train'" not in done.stdout  # restored, or up to date in the copy
+    assert "Running stage 'frontier'" not in done.stdout
+    status = dvc(smoke, "queue", "status").stdout
+    assert status.count("Success") == 2 and "Failed" not in status, status
+    shown = json.loads(dvc(smoke, "exp", "show", "--json").stdout)
+    swept = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                params = rev["data"]["params"]["params.yaml"]["data"]
+                if params["sample"]["steps"] in (4, 6):
+                    swept[rev["name"]] = params["sample"]["steps"]
+    assert sorted(swept.values()) == [4, 6], swept
+    _, runs = mlflow_runs(smoke)
+    by_name = {r.info.run_name: r for r in runs}
+    for name, steps in swept.items():
+        run = by_name[name]
+        assert run.info.status == "FINISHED", (name, run.info.status)
+        assert run.data.params["sample.steps"] == str(steps)
+        assert run.data.metrics["train/steps"] == 300  # restored from the run cache, then tracked
+        assert math.isfinite(run.data.metrics["eval/fid"])
+        assert math.isfinite(run.data.metrics["frontier/ddim/fid"])
+
+
 def test_outputs_round_trip_through_a_local_dvc_remote(smoke, tmp_path):
     dvc(smoke, "remote", "add", "-f", "-d", "local", str(tmp_path / "remote"))
     dvc(smoke, "push")

@@ -70,7 +70,8 @@ def test_the_budget_holds_a_split_that_fits_and_streams_one_that_does_not(monkey
     mib = 2**20
     assert choose_feed(100 * mib, 1.0, CPU)[0] == "device"
     kind, why = choose_feed(2 * 2**30, 1.0, CPU)
-    assert kind == "stream" and "2,048 MiB of images streamed from disk" in why
+    assert kind == "stream"
+    assert "2.0 GiB of images streamed from disk: over the 1.0 GiB allowed" in why
     assert "train.data_budget=1.0" in why
     assert choose_feed(1, 0.0, CPU)[0] == "stream"  # 0: always stream
     monkeypatch.setattr("ddpm.feed.free_memory", lambda device: 400 * mib)

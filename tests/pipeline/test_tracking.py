@@ -58,10 +58,11 @@ def test_the_trained_model_is_a_registered_pyfunc_that_generates_the_sample_stag
 ):
     prepared = prepare_split(tmp_path / "prep", PARAMS)
     enter_project(tmp_path, prepared, PARAMS, monkeypatch, inception_weights)
-    for stage in ("train", "sample", "evaluate"):
+    for stage in ("train", "sample", "evaluate", "track"):
         result = CliRunner().invoke(app, [stage])
         assert result.exit_code == 0, result.output
-    assert "registered models:/tiny-ddpm/1" in result.output
+    assert "registered models:/tiny-ddpm/1" in result.output  # track registers
+    assert "logged 0 metric values the run lacked" in result.output  # every stage ran
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     version = MlflowClient(tracking_uri=uri).get_model_version("tiny-ddpm", "1")
@@ -73,3 +74,41 @@ def test_the_trained_model_is_a_registered_pyfunc_that_generates_the_sample_stag
     assert images.dtype == np.uint8 and images.shape == (3, 16, 16, 3)
     written = np.stack([np.asarray(Image.open(f"samples/images/{i:06d}.png")) for i in range(3)])
     assert np.abs(images.astype(int) - written.astype(int)).max() <= 1  # sample's images 0-2
+
+
+def test_track_completes_a_run_whose_stages_dvc_restored_from_its_run_cache(
+    tmp_path, inception_weights, monkeypatch
+):
+    points = [{"sampler": "ddim", "steps": 2}, {"sampler": "ddim", "steps": 3}]
+    params = {**PARAMS, "frontier": {**PARAMS["frontier"], "num_images": 6, "batch_size": 6,
+                                     "grid_images": 2, "points": points}}  # fmt: skip
+    prepared = prepare_split(tmp_path / "prep", params)
+    enter_project(tmp_path, prepared, params, monkeypatch, inception_weights)
+    monkeypatch.setenv("DVC_EXP_NAME", "ran")
+    for stage in ("train", "sample", "evaluate", "frontier"):
+        result = CliRunner().invoke(app, [stage])
+        assert result.exit_code == 0, result.output
+    # A second experiment whose stages DVC restores: the same files, no stage runs but track.
+    monkeypatch.setenv("DVC_EXP_NAME", "restored")
+    result = CliRunner().invoke(app, ["track"])
+    assert result.exit_code == 0, result.output
+    assert "logged the model from models/ema.pt" in result.output
+    assert "registered models:/tiny-ddpm/1" in result.output
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddpm")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    ran, restored = runs["ran"], runs["restored"]
+    lacking = set(ran.data.metrics) - set(restored.data.metrics)
+    assert lacking <= {"train/ema_decay", "sample/images_per_second"}, lacking  # not on disk
+    for name in ("train/steps", "train/best_val_loss", "eval/fid", "eval/kid_mean"):
+        assert restored.data.metrics[name] == pytest.approx(ran.data.metrics[name], rel=1e-5)
+    history = [m.step for m in client.get_metric_history(restored.info.run_id, "train/loss")]
+    assert history == [m.step for m in client.get_metric_history(ran.info.run_id, "train/loss")]
+    frontier = client.get_metric_history(restored.info.run_id, "frontier/ddim/fid")
+    assert sorted(m.step for m in frontier) == [2, 3]  # NFE as the step, as frontier logs it
+    assert restored.info.status == "FINISHED" and restored.data.tags["stage.track"] == "done"
+    version = client.get_model_version("tiny-ddpm", "1")
+    assert version.run_id == restored.info.run_id and "fid" in version.tags
+    again = CliRunner().invoke(app, ["track"])
+    assert "logged 0 metric values the run lacked (none)" in again.output
+    assert "logged the model" not in again.output and "registered" not in again.output
