@@ -114,10 +114,10 @@ class DeviceFeed:
     """The whole split on the device as uint8 (N, C, H, W)."""
 
     def __init__(self, images: np.ndarray, labels: torch.Tensor | None, device: torch.device):
-        self.images = in_memory(images).to(device).permute(0, 3, 1, 2)
-        self.images = self.images.contiguous()
+        self.images = in_memory(images).to(device).permute(0, 3, 1, 2).contiguous()
         self.labels = None if labels is None else labels.to(device)
         self.device = device
+        self.draws: Callable[[int], Draw] | None = None
 
     def start(self, step: int, draws: Callable[[int], Draw]) -> None:
         self.draws = draws
@@ -139,29 +139,29 @@ class StreamFeed:
     def __init__(self, images: np.ndarray, labels: torch.Tensor | None, device: torch.device):
         self.images, self.labels, self.device = images, labels, device
         self.pin = device.type == "cuda"
-        self.queue: queue.Queue = queue.Queue(maxsize=AHEAD)
-        self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
 
     def start(self, step: int, draws: Callable[[int], Draw]) -> None:
         """Begin gathering the batches of ``step``, ``step + 1``, ... in the background."""
         self.close()
-        self.queue, self.stopping = queue.Queue(maxsize=AHEAD), threading.Event()
+        self.queue: queue.Queue = queue.Queue(maxsize=AHEAD)
+        self.stopping = threading.Event()
         self.thread = threading.Thread(
             target=self._fill, args=(step, draws), name="ddpm-stream-feed", daemon=True
         )
         self.thread.start()
 
     def _gather(self, d: Draw) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """uint8 images (B, H, W, C), labels and flips; pinned here, in the background, on
+        CUDA, so that :meth:`batch` never waits for a copy."""
         index = d.index.numpy()
         shape = (len(index), *self.images.shape[1:])
         out = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin)
         np.take(self.images, index, axis=0, out=out.numpy())
         y = None if self.labels is None else self.labels[d.index]
-        if self.pin:  # pinned here, in the background, so that batch() never waits
-            y, flip = None if y is None else y.pin_memory(), d.flip.pin_memory()
-            return out, y, flip
-        return out, y, d.flip
+        if not self.pin:
+            return out, y, d.flip
+        return out, None if y is None else y.pin_memory(), d.flip.pin_memory()
 
     def _fill(self, step: int, draws: Callable[[int], Draw]) -> None:
         while not self.stopping.is_set():
@@ -196,9 +196,6 @@ class StreamFeed:
             self.stopping.set()
             self.thread.join()
             self.thread = None
-
-    def __del__(self) -> None:
-        self.stopping.set()
 
 
 Feed = DeviceFeed | StreamFeed

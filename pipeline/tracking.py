@@ -162,10 +162,9 @@ class Tracker:
         if not self.enabled:
             return True
         try:
-            found = self._mlflow.search_logged_models(
-                filter_string="name = 'model'", output_format="list"
-            )
-            return any(m.source_run_id == self.run_id for m in found)
+            where = f"name = 'model' AND source_run_id = '{self.run_id}'"
+            found = self._mlflow.search_logged_models(filter_string=where, output_format="list")
+            return bool(found)
         except Exception as exc:
             self._fail("looking for the model", exc)
             return True
@@ -175,9 +174,8 @@ class Tracker:
         if not self.enabled:
             return True
         try:
-            client = self._mlflow.MlflowClient()
-            versions = client.search_model_versions(f"name = '{name}'")
-            return any(v.run_id == self.run_id for v in versions)
+            where = f"name = '{name}' AND run_id = '{self.run_id}'"
+            return bool(self._mlflow.MlflowClient().search_model_versions(where))
         except Exception as exc:
             self._fail("looking up the registry", exc)
             return True

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -109,32 +109,33 @@ def image_folder(
 def _decode_all(
     paths: list[Path], size: int, progress: bool, work_dir: Path | None, workers: int | None
 ) -> tuple[np.ndarray | RowFile, np.ndarray, int]:
-    """The readable images in path order, uint8 (n_ok, size, size, 3) in memory or in a
-    :class:`RowFile`; the bool (N,) mask of the readable paths; how many were upscaled."""
+    """The readable images in path order, uint8 (n_ok, size, size, 3) in memory or, given a
+    ``work_dir``, in a :class:`RowFile`; the bool (N,) mask of the readable paths; how many
+    were upscaled."""
     ok = np.zeros(len(paths), dtype=bool)
-    upscaled, rows = 0, []
-    path = None if work_dir is None else Path(work_dir) / DECODED
-    with (
-        open(os.devnull if path is None else path, "wb") as sink,
-        Progress(len(paths), "images", "img", enabled=progress) as bar,
-        _decoded(paths, size, workers) as decoded,
-    ):
-        for i, (image, small) in enumerate(decoded):
-            bar.update()
-            if image is None:
-                continue
-            ok[i], upscaled = True, upscaled + small
-            _keep(image, rows, sink if path is not None else None)
-    if path is not None:
-        return RowFile(path, (size, size, 3), np.arange(int(ok.sum()))), ok, upscaled
-    return np.stack(rows) if rows else np.zeros((0, size, size, 3), np.uint8), ok, upscaled
+    upscaled = 0
 
+    def readable() -> Iterator[np.ndarray]:
+        nonlocal upscaled
+        with (
+            Progress(len(paths), "images", "img", enabled=progress) as bar,
+            _decoded(paths, size, workers) as decoded,
+        ):
+            for i, (image, small) in enumerate(decoded):
+                bar.update()
+                if image is not None:
+                    ok[i], upscaled = True, upscaled + small
+                    yield image
 
-def _keep(image: np.ndarray, rows: list[np.ndarray], sink: BinaryIO | None) -> None:
-    if sink is None:
-        rows.append(image)
-    else:
-        sink.write(np.ascontiguousarray(image).data)
+    if work_dir is None:
+        rows = list(readable())
+        images = np.stack(rows) if rows else np.zeros((0, size, size, 3), np.uint8)
+        return images, ok, upscaled
+    path = Path(work_dir) / DECODED
+    with open(path, "wb") as sink:
+        for image in readable():
+            sink.write(image.data)
+    return RowFile(path, (size, size, 3), np.arange(int(ok.sum()))), ok, upscaled
 
 
 @contextmanager

@@ -101,7 +101,11 @@ def test_a_run_streamed_and_resumed_on_the_device_ends_where_one_on_the_device_d
         run(tmp_path / "mixed", data, short(data_budget=0.0), hooks=streamed)
     assert any("streamed from disk" in m for m in messages), messages
     assert not any(t.name == "ddpm-stream-feed" for t in threading.enumerate())
-    run(tmp_path / "mixed", data, short())  # resumed from step 6 with the split on the device
+    assert load_checkpoint(tmp_path / "mixed" / "last.pt")["step"] == 6  # 6 streamed steps
+    messages.clear()
+    run(tmp_path / "mixed", data, short(), hooks=Hooks(log=messages.append))
+    assert any("resumed from" in m and "at step 6" in m for m in messages), messages
+    assert any("held on cpu" in m for m in messages), messages
     a, b = (load_checkpoint(tmp_path / name / "last.pt") for name in ("device", "mixed"))
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
