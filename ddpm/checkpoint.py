@@ -10,8 +10,11 @@ A training checkpoint (``last.pt``, ``best.pt``), written by :func:`training_che
     {"version": 1, "step": int,
      "config": {"unet": {...}, "diffusion": {...}, "train": {...}, "ema": {...}},
      "model": state_dict, "ema": EMA state_dict, "optimizer": ..., "lr_scheduler": ...,
-     "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...] (when CUDA is there)},
      "best_val_loss": float (inf before the first validation)}
+
+No RNG state is saved: every random draw of a training step comes from generators seeded by
+(seed, rank, step) (``ddpm.train.step_seed``), so a resume needs none, and a file written on
+eight GPUs resumes on one. Files from before carry an ``rng`` entry, which is ignored.
 
 A weights file (``models/ema.pt``), written by :func:`weights_file`::
 
@@ -42,6 +45,9 @@ CHECKPOINT_VERSION = 1
 # trained with: an old checkpoint keeps its function instead of taking the new defaults.
 LEGACY_UNET = {"norm_eps": 1e-5, "downsample_padding": "symmetric", "time_freq_shift": 1.0}
 Weights = Literal["ema", "raw"]
+# Devices where a sampling network runs in channels_last: cuDNN's NHWC convolutions and the
+# attention's unit-stride q, k, v; on the CPU contiguous maps are as fast for inference.
+CHANNELS_LAST_DEVICES = ("cuda",)
 _STATE_KEY = {"ema": "ema", "raw": "model"}
 
 __all__ = [
@@ -52,7 +58,6 @@ __all__ = [
     "configs_to_json",
     "load_checkpoint",
     "load_sampling_model",
-    "restore_rng",
     "save_checkpoint",
     "training_checkpoint",
     "weights_file",
@@ -141,10 +146,7 @@ def training_checkpoint(
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     best_val_loss: float,
 ) -> dict[str, Any]:
-    """Everything an exact resume needs, including the global RNG states (dropout)."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    """Everything an exact resume needs (no RNG state: the loop seeds every step itself)."""
     return {
         "step": step,
         "config": configs,
@@ -152,16 +154,8 @@ def training_checkpoint(
         "ema": ema.state_dict(),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
-        "rng": rng,
         "best_val_loss": best_val_loss,
     }
-
-
-def restore_rng(ckpt: dict[str, Any]) -> None:
-    """Set the global RNG states a training checkpoint saved."""
-    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
 
 
 def weights_file(
@@ -231,8 +225,11 @@ def load_sampling_model(
             f"{path}: its {weights} weights do not fit the config it carries; it is not from "
             f"this code or was edited:\n{str(exc).splitlines()[0]}"
         ) from exc
+    model = model.to(device).eval().requires_grad_(False)
+    if torch.device(device).type in CHANNELS_LAST_DEVICES:
+        model = model.to(memory_format=torch.channels_last)
     return SamplingModel(
-        model.to(device).eval().requires_grad_(False),
+        model,
         GaussianDiffusion(diffusion_config).to(device),
         ckpt.get("class_names"),
         int(ckpt.get("step", 0)),

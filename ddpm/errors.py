@@ -16,3 +16,7 @@ class NonFiniteLossError(RuntimeError):
 
 class NonFiniteSamplesError(RuntimeError):
     """A sampler produced NaN or infinite values (a diverged model or sampler)."""
+
+
+class DeterminismError(RuntimeError):
+    """``deterministic`` was asked for and cannot be had on this machine or with this setting."""

@@ -167,9 +167,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
         B, C, H, W = x.shape
-        # channels_last makes q, k, v unit-stride along d (views below), as SDPA's fused kernels
-        # need; from contiguous maps the CPU falls back to the slower unfused maths path.
-        h = self.norm(x).contiguous(memory_format=torch.channels_last)
+        h = self.norm(x)
+        if h.device.type == "cpu":
+            # channels_last makes q, k, v unit-stride along d (views below), as SDPA's fused CPU
+            # kernel needs; from contiguous maps the CPU takes the slower unfused maths path
+            # (measured). Elsewhere the copy is not made: CUDA trains and samples in
+            # channels_last, where it is a no-op, and no measurement says it helps otherwise.
+            h = h.contiguous(memory_format=torch.channels_last)
         qkv = self.qkv(h).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
         out = self.attend(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, heads, d, N)
         return x + self.proj(out.reshape(B, C, H, W))
@@ -212,6 +216,16 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
+def nearest_x2(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, 2 H, 2 W), each pixel repeated 2x2: ``F.interpolate``'s nearest
+    x2, except when deterministic algorithms are asked for, where the same values come from an
+    expand, whose backward is a plain sum (CUDA's upsample backward may not be deterministic)."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    b, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+
+
 class Upsample(nn.Module):
     """Double the resolution: nearest-neighbour x2, then a 3x3 conv."""
 
@@ -221,4 +235,4 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, 2 H, 2 W)."""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(nearest_x2(x))

@@ -12,7 +12,7 @@ one per image index). ``x_T`` replaces the initial noise (interpolations between
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,12 +20,11 @@ from torch import nn
 
 from ddpm.config import SamplerConfig, Spacing, Variance
 from ddpm.diffusion import GaussianDiffusion, posterior_coefficients
+from ddpm.noise import Generators, initial_noise, step_noise
 from ddpm.progress import Progress
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 """Called after each step as ``callback(step_index, t, x_t, x0_pred)``."""
-Generators = torch.Generator | Sequence[torch.Generator] | None
-"""One generator for the batch, one per image (row), or None for the global generator."""
 
 
 def _leading(num_timesteps: int, steps: int, log_snr: np.ndarray | None) -> np.ndarray:
@@ -98,38 +97,6 @@ def make_timesteps(
     ts = np.unique(SPACINGS[spacing](num_timesteps, steps, log_snr).astype(np.int64))[::-1]
     assert ts[0] < num_timesteps and ts[-1] >= 0 and len(ts) <= steps, ts
     return torch.from_numpy(ts.copy())
-
-
-def randn(
-    shape: tuple[int, ...], generator: Generators, device: torch.device | str
-) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device, then moved to ``device``.
-
-    With a list of generators, row i of the (B, ...) result is drawn from ``generator[i]``.
-    """
-    if isinstance(generator, Sequence):
-        if len(generator) != shape[0]:
-            raise ValueError(
-                f"{len(generator)} generators for a batch of {shape[0]}; give one per row"
-            )
-        rows = [torch.randn(shape[1:], generator=g, device=g.device).to(device) for g in generator]
-        return torch.stack(rows)
-    gen_device = generator.device if generator is not None else "cpu"
-    return torch.randn(shape, generator=generator, device=gen_device).to(device)
-
-
-def initial_noise(
-    shape: tuple[int, ...],
-    x_T: torch.Tensor | None,
-    generator: Generators,
-    device: torch.device | str,
-) -> torch.Tensor:
-    """x_T ~ N(0, I) of ``shape``, or the given ``x_T`` (checked against ``shape``)."""
-    if x_T is None:
-        return randn(shape, generator, device)
-    if tuple(x_T.shape) != tuple(shape):
-        raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected {tuple(shape)}")
-    return x_T.to(device)
 
 
 @torch.no_grad()
@@ -248,9 +215,10 @@ def ddpm_sample(
         diffusion.alphas_cumprod64,
     )
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
+    noises = step_noise(shape, generator, device, count=len(timesteps) - 1)
     for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "ddpm")):
         x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. predict x0
-        noise = randn(shape, generator, device) if t_prev >= 0 else None
+        noise = next(noises) if t_prev >= 0 else None
         x = ddpm_step(diffusion, x, x0, t, t_prev, noise, variance)  # 3. x_{t-1} ~ p(. | x_t)
         if callback is not None:
             callback(i, t, x, x0)
@@ -279,9 +247,10 @@ def ddim_sample(
         raise ValueError(f"eta must be >= 0; got {eta}")
     timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing, diffusion.alphas_cumprod64)
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
+    noises = step_noise(shape, generator, device, count=len(timesteps) - 1 if eta > 0 else 0)
     for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "ddim")):
         x0, eps = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. predict
-        noise = randn(shape, generator, device) if eta > 0 and t_prev >= 0 else None
+        noise = next(noises) if eta > 0 and t_prev >= 0 else None
         x = ddim_step(diffusion, x0, eps, t, t_prev, eta, noise)  # 3. eq. 12
         if callback is not None:
             callback(i, t, x, x0)

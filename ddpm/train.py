@@ -9,6 +9,7 @@ stays outside: the loop reports through the callbacks in :class:`Hooks`.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -25,7 +26,6 @@ from ddpm.checkpoint import (
     config_differences,
     configs_to_json,
     load_checkpoint,
-    restore_rng,
     save_checkpoint,
     training_checkpoint,
 )
@@ -33,7 +33,7 @@ from ddpm.config import DiffusionConfig, EMAConfig, TrainConfig, UNetConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import Distributed
 from ddpm.ema import EMA
-from ddpm.errors import CheckpointError, NonFiniteLossError
+from ddpm.errors import CheckpointError, DeterminismError, NonFiniteLossError
 from ddpm.feed import Draw, draw, in_memory, make_feed
 from ddpm.pixels import to_float, to_uint8
 from ddpm.progress import Progress
@@ -90,6 +90,28 @@ DRAW, DROPOUT = 1, 2  # substreams of a step's seed; 0 (the seed itself): timest
 def substream(rng: int, k: int) -> int:
     """Seed ``k`` of a step: distinct seeds, so batches, dropout and noise are not correlated."""
     return (rng * 1_000_003 + k) % 2**63
+
+
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the workspace sizes cuBLAS is deterministic with
+
+
+def make_deterministic(device: torch.device) -> None:
+    """Deterministic kernels from here on, or an error that says why they cannot be had.
+
+    No ``warn_only``: a kernel without a deterministic version raises (see :func:`train`), so a
+    run that asked for bit-identical results never gets others silently. On CUDA, cuBLAS needs
+    ``CUBLAS_WORKSPACE_CONFIG`` before its first use; it is set here when unset.
+    """
+    if device.type == "cuda":
+        workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC[0])
+        if workspace not in CUBLAS_DETERMINISTIC:
+            raise DeterminismError(
+                f"train.deterministic needs CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC[0]} "
+                f"(or {CUBLAS_DETERMINISTIC[1]}); it is {workspace!r}: unset it, or set "
+                "train.deterministic: false"
+            )
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)  # importing torch._dynamo with it: ~2 s
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -189,7 +211,6 @@ def _resume(state: _State, path: Path, unet_config, diffusion_config, device) ->
     state.ema.load_state_dict(ckpt["ema"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["lr_scheduler"])
-    restore_rng(ckpt)
     return ckpt
 
 
@@ -299,8 +320,8 @@ class _Loop:
         unet_config, diffusion_config, self.config, ema_config = configs
         self.seed, self.device, self.hooks, self.dist = seed, device, hooks, dist
         self.say = hooks.log if dist.is_main else (lambda _msg: None)
-        if self.config.deterministic:  # the call itself imports much of torch._dynamo: ~2 s
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        if self.config.deterministic:
+            make_deterministic(device)
         torch.manual_seed(seed)
         self.diffusion = GaussianDiffusion(diffusion_config).to(device)
         self.state = _build(unet_config, self.config, ema_config, device)
@@ -316,8 +337,10 @@ class _Loop:
             train_data.images, train_data.labels, device, self.config.data_budget
         )
         self.say(f"data: {why}")
-        model = self.state.model
-        self.net = dist.wrap(torch.compile(model) if self.config.compile else model)
+        # DDP first, then compile the DDP module: DDPOptimizer then splits the graph at bucket
+        # boundaries and all-reduce overlaps the backward (PyTorch's guidance for DDP).
+        net = dist.wrap(self.state.model)
+        self.net = torch.compile(net) if self.config.compile else net
         bf16 = self.config.bf16 and device.type == "cuda"
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
         self.step, self.best, self.window = 0, _Best(math.inf, self.config), []
@@ -337,6 +360,13 @@ class _Loop:
         self.feed.start(self.step, self._draw)
         try:
             return self._run(log_every, progress)
+        except RuntimeError as exc:
+            if "does not have a deterministic implementation" not in str(exc):
+                raise
+            raise DeterminismError(
+                f"train.deterministic: {str(exc).split(',')[0]} on {self.device.type}; set "
+                "train.deterministic: false for this device"
+            ) from exc
         finally:
             self.feed.close()
 

@@ -15,7 +15,12 @@ import typer
 from pydantic import ValidationError
 
 from ddpm.data.errors import ChecksumError, DataError, MissingArchiveError, OfflineError
-from ddpm.errors import CheckpointError, NonFiniteLossError, NonFiniteSamplesError
+from ddpm.errors import (
+    CheckpointError,
+    DeterminismError,
+    NonFiniteLossError,
+    NonFiniteSamplesError,
+)
 
 PARAMS_EXIT, ERROR_EXIT = 2, 1
 
@@ -24,7 +29,13 @@ class ParamsError(ValueError):
     """params.yaml is missing, not YAML, or fails validation."""
 
 
-USER_ERRORS = (DataError, CheckpointError, NonFiniteLossError, NonFiniteSamplesError)
+USER_ERRORS = (
+    DataError,
+    CheckpointError,
+    DeterminismError,
+    NonFiniteLossError,
+    NonFiniteSamplesError,
+)
 HINTS = {
     OfflineError: "Or set `dataset: synthetic`: `make smoke` runs the whole pipeline offline.",
     MissingArchiveError: "Run `pipeline download` first.",

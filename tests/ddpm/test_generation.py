@@ -7,8 +7,8 @@ from ddpm.checkpoint import CheckpointError, load_checkpoint, load_sampling_mode
 from ddpm.config import SamplerConfig
 from ddpm.errors import NonFiniteSamplesError
 from ddpm.generation import generate, image_generators, image_labels, slerp
+from ddpm.noise import randn
 from ddpm.pixels import to_uint8
-from ddpm.samplers import randn
 
 
 @pytest.fixture

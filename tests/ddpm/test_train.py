@@ -9,7 +9,7 @@ from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ddpm.config import DiffusionConfig, EMAConfig, TrainConfig
 from ddpm.data.synthetic import make_synthetic
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.errors import NonFiniteLossError
+from ddpm.errors import DeterminismError, NonFiniteLossError
 from ddpm.train import (
     Dataset,
     Hooks,
@@ -118,6 +118,23 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_unbroken_one(tmp_path, d
     assert resumed.final_val_loss == unbroken.final_val_loss
 
 
+def test_checkpoints_hold_no_rng_state_and_an_eight_gpu_one_resumes_here(tmp_path, data):
+    """The format carried every visible GPU's RNG state, and restoring 8 of them on a machine
+    with fewer raised IndexError; the loop seeds every step itself, so none is needed."""
+    unbroken, *_ = run(tmp_path / "a", data, short())
+    run(tmp_path / "b", data, short(steps=6))
+    ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert "rng" not in ckpt
+    eight_gpus = [torch.zeros(16, dtype=torch.uint8) for _ in range(8)]  # an old file's entry
+    old = {**ckpt, "rng": {"torch": torch.get_rng_state(), "cuda": eight_gpus}}
+    save_checkpoint(old, tmp_path / "b" / "last.pt")
+    resumed, *_ = run(tmp_path / "b", data, short())
+    assert resumed.resumed_from_step == 6
+    full, again = (load_checkpoint(tmp_path / d / "last.pt") for d in "ab")
+    assert all(torch.equal(t, again["model"][k]) for k, t in full["model"].items())
+    assert resumed.final_val_loss == unbroken.final_val_loss
+
+
 def test_a_best_validation_loss_of_zero_survives_a_resume(tmp_path, data):
     """0.0 is a loss like any other: a resumed run must not read it as "no best yet"."""
     run(tmp_path, data, short(steps=6))
@@ -189,3 +206,85 @@ def test_a_conditional_model_trains_on_labels_and_refuses_data_without_them(tmp_
     unlabelled = (Dataset(images[:32]), Dataset(images[32:]))
     with pytest.raises(ValueError, match="num_classes is set but the data set has no labels"):
         run(tmp_path / "b", unlabelled, short(), unet=conditional)
+
+
+@pytest.fixture
+def strict_mode_restored():
+    """use_deterministic_algorithms is process-wide: put back what the test changed."""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_deterministic_means_strict_not_a_warning(monkeypatch, strict_mode_restored):
+    from ddpm.train import make_deterministic
+
+    make_deterministic(torch.device("cpu"))
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    # CUDA: cuBLAS is deterministic only with a known workspace; set when unset, refused when off
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    make_deterministic(torch.device("cuda"))  # makes no CUDA call
+    import os
+
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    with pytest.raises(DeterminismError, match=r"CUBLAS_WORKSPACE_CONFIG=:4096:8.*':0:0'"):
+        make_deterministic(torch.device("cuda"))
+
+
+def test_a_kernel_without_a_deterministic_version_stops_the_run_with_the_fix(
+    tmp_path, data, monkeypatch, strict_mode_restored
+):
+    import ddpm.train
+
+    def nondeterministic(*args, **kwargs):
+        raise RuntimeError(
+            "upsample_nearest2d_backward_out_cuda does not have a deterministic implementation, "
+            "but you set 'torch.use_deterministic_algorithms(True)'. You can turn off ..."
+        )
+
+    monkeypatch.setattr(ddpm.train, "_step", nondeterministic)
+    with pytest.raises(DeterminismError, match=r"upsample_nearest2d_backward_out_cuda does not "
+                       r"have a deterministic implementation on cpu; set train.deterministic: "
+                       r"false"):  # fmt: skip
+        run(tmp_path, data, short(deterministic=True))
+
+
+def test_a_deterministic_run_is_bit_identical_to_another(tmp_path, data, strict_mode_restored):
+    runs = [run(tmp_path / name, data, short(steps=6, deterministic=True)) for name in "ab"]
+    a, b = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in "ab")
+    assert all(torch.equal(t, b[k]) for k, t in a.items())
+    assert runs[0].result.final_val_loss == runs[1].result.final_val_loss
+
+
+def test_compile_wraps_the_ddp_module_not_the_other_way_round(tmp_path, data, monkeypatch):
+    """torch.compile(DDP(model)): DDPOptimizer splits the graph at bucket boundaries so that
+    all-reduce overlaps the backward; DDP(compile(model)) loses that."""
+    import ddpm.train
+    from ddpm.distributed import Distributed
+
+    calls = []
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            return self.module(*args)
+
+    def wrap(module):
+        calls.append(("wrap", type(module).__name__))
+        return Wrapped(module)
+
+    def compile_(module):
+        calls.append(("compile", type(module).__name__))
+        return module
+
+    monkeypatch.setattr(ddpm.train.torch, "compile", compile_)
+    run(tmp_path, data, short(steps=3, compile=True), dist=Distributed(wrap=wrap))
+    assert calls == [("wrap", "UNet"), ("compile", "Wrapped")]

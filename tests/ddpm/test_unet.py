@@ -270,3 +270,21 @@ def test_cpu_dropout_keeps_channels_last_and_follows_the_global_seed():
     assert a.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(a, b)
     assert torch.equal(drop.eval()(x), x)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_deterministic_upsampling_is_the_same_function_with_the_same_gradient(fmt):
+    from ddpm.layers import nearest_x2
+
+    x = torch.randn(2, 4, 5, 3).to(memory_format=fmt).requires_grad_()
+    weights = torch.randn(2, 4, 10, 6)
+    (expected,) = torch.autograd.grad((F.interpolate(x, scale_factor=2.0) * weights).sum(), x)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = nearest_x2(x)
+        (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(out, F.interpolate(x, scale_factor=2.0))
+    assert torch.allclose(grad, expected, rtol=0, atol=1e-6)
