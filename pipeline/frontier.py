@@ -89,14 +89,16 @@ def render(
     classes: list[int] | None,
     device: torch.device,
     bar: Progress,
+    bf16: bool = False,
 ) -> tuple[torch.Tensor, float]:
-    """All the point's images, uint8 (N, H, W, 3), and the seconds their sampling took."""
+    """All the point's images, uint8 (N, H, W, 3), and the seconds their sampling took
+    (``bf16``: the network under bf16 autocast, ``sample.bf16``)."""
     images, start = [], time.perf_counter()
     for first in range(0, f.num_images, f.batch_size):
         batch = range(first, min(first + f.batch_size, f.num_images))
         labels = image_labels(batch, net.model.config.num_classes, classes)
         x = generate(net.model, net.diffusion, batch, seed, point.config, labels=labels,
-                     device=device)  # fmt: skip
+                     device=device, bf16=bf16)  # fmt: skip
         images.append(to_uint8(x))
         bar.update(len(batch) * point.nfe)
     return torch.cat(images), time.perf_counter() - start
@@ -118,7 +120,9 @@ def score_points(
     out = []
     with Progress(sum(n * (pt.nfe + 1) for pt in points), "frontier", "NFE") as bar:
         for point in points:
-            images, seconds = render(net, point, p.frontier, p.seed, p.sample.classes, device, bar)
+            images, seconds = render(
+                net, point, p.frontier, p.seed, p.sample.classes, device, bar, p.sample.bf16
+            )
             scores = fidelity(UInt8Images(images), reference, name, extraction, e, p.seed, cache,
                               verbose=False)  # fmt: skip
             bar.update(n)

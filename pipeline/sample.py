@@ -147,7 +147,14 @@ def render(
         for batch in batches:
             labels = image_labels(batch, num_classes, s.classes)
             x = generate(
-                net.model, net.diffusion, batch, seed, sampler, labels=labels, device=device
+                net.model,
+                net.diffusion,
+                batch,
+                seed,
+                sampler,
+                labels=labels,
+                device=device,
+                bf16=s.bf16,
             )
             for index, image in zip(batch, to_uint8(x), strict=True):
                 save_png(folder / f"{index:06d}.png", image)
@@ -206,6 +213,7 @@ def denoising_gif(net: SamplingModel, s: SampleParams, seed: int, device: torch.
         labels=image_labels(indices, net.model.config.num_classes, s.classes),
         device=device,
         callback=capture,
+        bf16=s.bf16,
     )
     buffer = io.BytesIO()
     durations = [80] * (len(frames) - 1) + [1500]  # hold the final images
@@ -233,6 +241,7 @@ def interpolation(
         labels=image_labels(indices, cfg.num_classes, s.classes),
         x_T=x_T,
         device=device,
+        bf16=s.bf16,
     )
     return grid(to_uint8(x), nrow=s.interpolation_steps)
 

@@ -109,6 +109,10 @@ class SampleParams(SamplerConfig):
     gif_frames: int = Field(ge=2, description="Frames of the GIF, at most.")
     interpolation: bool = Field(description="Also write interpolation.png (slerp).")
     interpolation_steps: int = Field(ge=3, description="Images along the interpolation.")
+    bf16: bool = Field(
+        description="The network under bf16 autocast (sample and frontier): faster on a GPU; "
+        "the images move a little from float32's (make bench measures how far)."
+    )
 
     def sampler_config(self) -> SamplerConfig:
         """The sampler part, as the samplers take it."""
