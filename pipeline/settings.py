@@ -316,6 +316,9 @@ class Machine(BaseSettings):
     fidelity_cache: Path = Field(
         Path("data/fidelity_cache"), description="torch-fidelity's cache of reference features."
     )
+    tracking: bool = Field(
+        True, description="false: no MLflow at all (machines without it, e.g. the GPU check)."
+    )
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.settings import Machine
+
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "ddpm")
 # MLflow 3 opens an experiment of unknown kind on its GenAI pages; this kind opens the runs table.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -74,7 +76,8 @@ class Tracker:
     """
 
     def __init__(self, params: dict[str, Any], stage: str, enabled: bool = True) -> None:
-        self.params, self.stage, self.enabled = params, stage, enabled
+        self.params, self.stage = params, stage
+        self.enabled = enabled and Machine().tracking  # DDPM_TRACKING=false: MLflow unused
         self.run_id: str | None = None
         self._mlflow = None
 

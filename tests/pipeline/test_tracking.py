@@ -33,6 +33,16 @@ def test_make_ui_prints_the_runs_table_of_the_experiment_not_the_genai_pages(tmp
     )
 
 
+def test_tracking_switched_off_opens_no_run_and_writes_no_store(tmp_path, monkeypatch):
+    """DDPM_TRACKING=false: a machine without MLflow (the GPU check's) runs every stage."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DDPM_TRACKING", "false")
+    with Tracker({"seed": 0}, "train") as tracker:
+        tracker.log_metrics({"loss": 1.0})
+        assert tracker.run_id is None and not tracker.enabled
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 PARAMS = project_params(
     {
         "dataset": "synthetic",

@@ -1,0 +1,34 @@
+"""tests/gpu: the CUDA path. Always collected, skipped without CUDA.
+
+``DDPM_GPU_TESTS_DEVICE=cpu`` runs them on the CPU instead: the GPU check's dry run
+(``make gpu-check-dry``) does, so that the tests themselves are proven before a GPU is lent.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """CUDA, or the device DDPM_GPU_TESTS_DEVICE names; the test is skipped otherwise."""
+    forced = os.environ.get("DDPM_GPU_TESTS_DEVICE")
+    if forced:
+        return torch.device(forced)
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (DDPM_GPU_TESTS_DEVICE=cpu runs these on the CPU)")
+    return torch.device("cuda")
+
+
+@pytest.fixture
+def strict_mode_restored():
+    """use_deterministic_algorithms is process-wide: put back what the test changed."""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
