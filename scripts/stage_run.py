@@ -113,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path, help="The work folder (made if missing).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
-    parser.add_argument("--set", dest="settings", type=setting, action="append", default=[],
-                        metavar="KEY=VALUE", help="A params override, e.g. train.steps=20.")  # fmt: skip
+    parser.add_argument(
+        "--set", dest="settings", type=setting, action="append", default=[],
+        metavar="KEY=VALUE", help="A params override, e.g. train.steps=20.",
+    )  # fmt: skip
     parser.add_argument("--stages", default="download,prepare,train,sample,evaluate",
                         help=f"Comma-separated, in order, of {', '.join(STAGES)}.")  # fmt: skip
     parser.add_argument("--report", type=Path, help="Write the timings as JSON here.")

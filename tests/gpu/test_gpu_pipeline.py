@@ -29,12 +29,14 @@ def test_the_smoke_pipeline_stages_run_on_the_device(device, tmp_path, monkeypat
     import stage_run
 
     monkeypatch.setenv("DDPM_DEVICE", device.type)
-    settings = ["data.num_images=120", "train.steps=30", "train.val_every=15", "train.checkpoint_every=15",
+    settings = ["data.num_images=120", "train.steps=30", "train.val_every=15",
+                "train.checkpoint_every=15",
                 "train.sample_every=30", f"train.bf16={device.type == 'cuda'}",
                 "sample.num_images=32", "sample.batch_size=32", "sample.steps=10",
                 "sample.grid_images=16", "evaluate.kid_subset_size=16", "evaluate.kid_subsets=10",
                 "evaluate.isc_splits=2", "frontier.num_images=16", "frontier.batch_size=16",
-                "frontier.points=[{sampler: ddim, steps: 5}, {sampler: dpm-solver, steps: 5}]"]  # fmt: skip
+                "frontier.points=[{sampler: ddim, steps: 5}, {sampler: dpm-solver, steps: 5}]",
+                ]  # fmt: skip
     args = [str(tmp_path), "--preset", "smoke", "--report", str(tmp_path / "run.json"),
             "--stages", "download,prepare,train,sample,evaluate,frontier"]  # fmt: skip
     for s in settings:
