@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install repro smoke ui test lint bench lock clean
+.PHONY: install repro smoke ui test lint bench lock clean gpu-bundle gpu-check-dry
 
 install: $(STAMP)
 
@@ -43,6 +43,14 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_vs_diffusers.py
 
+# The GPU check (scripts/gpu_check.sh): .gpu/ holds what a lent GPU machine lacks and the script,
+# run there as `bash .gpu/check.sh OUT`; the dry run is the same script on this CPU, tiny sizes.
+gpu-bundle:
+	PYTHON=$(PYTHON) bash scripts/gpu_bundle.sh
+
+gpu-check-dry: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh .gpu-dry --dry
+
 # Regenerates the lock file from pyproject.toml (needs network and uv).
 lock:
 	$(PYTHON) -m pip install --quiet uv
@@ -50,4 +58,4 @@ lock:
 		--python-platform x86_64-manylinux_2_28 --generate-hashes -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .gpu .gpu-dry
