@@ -43,6 +43,13 @@ fi
 
 if [ "$DRY" = "--dry" ]; then
   export DDPM_GPU_TESTS_DEVICE=cpu
+  # What the GPU machine lacks is made unimportable here as well, so the dry run fails where
+  # the real one would (a stage that imports MLflow with tracking off, say).
+  for pkg in mlflow dvc diffusers; do
+    mkdir -p "$SCRATCH/absent/$pkg"
+    echo "raise ImportError('$pkg is not on the GPU machine')" >"$SCRATCH/absent/$pkg/__init__.py"
+  done
+  export PYTHONPATH="$SCRATCH/absent:$PYTHONPATH"
   LIMITS=(600 300 300)
   STAGE_ARGS=(--preset smoke --set data.num_images=120 --set train.steps=8
     --set train.val_every=4 --set train.checkpoint_every=4 --set train.sample_every=8

@@ -11,6 +11,10 @@ import os
 import pytest
 import torch
 
+# As a train stage with train.deterministic does before its first CUDA call: cuBLAS reads its
+# workspace setting once per process, and earlier tests in this one use cuBLAS already.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
