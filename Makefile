@@ -31,10 +31,13 @@ ui: $(STAMP)
 		"from pipeline.tracking import ui_url; print('The runs table:', ui_url())"
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath $(STORE)) --host 127.0.0.1 --port 5000
 
+# Both cores: test files run side by side (pytest-xdist), each file whole on one worker, in its
+# order (the smoke project's tests change one project in turn). JOBS=0: one process.
+JOBS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -17,6 +17,15 @@ from ddpm.config import DiffusionConfig
 from ddpm.ema import EMA
 from ddpm.unet import UNet
 
+# The longest files, first: `make test` runs the files on two pytest-xdist workers (whole files,
+# --dist loadfile), and each of these then starts at once on a worker of its own.
+SLOWEST_FIRST = ("test_smoke.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
+
 
 @pytest.fixture
 def cifar10_archive(tmp_path: Path) -> tuple[Path, str]:
