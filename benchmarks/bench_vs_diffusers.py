@@ -64,7 +64,7 @@ from ddpm.pixels import to_uint8
 from ddpm.progress import Progress
 from ddpm.samplers import ddim_sample, ddpm_sample, dpm_solver_sample
 from ddpm.unet import UNet
-from pipeline.frontier import Point, render
+from pipeline.frontier import Point, render_point
 from pipeline.settings import FrontierParams, FrontierPoint
 
 TARGET_RATIO = 0.9  # ours / theirs training-step time, fp32
@@ -450,7 +450,7 @@ def ddim_loop_rows(model: UNet, args: argparse.Namespace, device: torch.device) 
         to_uint8(x)
 
     fns = {
-        "stage": lambda: render(net, point, sizes, 0, None, device, quiet),
+        "stage": lambda: render_point(net, point, sizes, 0, None, device, quiet),
         "plain": lambda: to_uint8(ddim_sample(model, diffusion, x_T.shape, steps=k, x_T=x_T)),
         "diffusers": diffusers_loop,
     }

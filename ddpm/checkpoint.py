@@ -16,7 +16,7 @@ No RNG state is saved: every random draw of a training step comes from generator
 (seed, rank, step) (``ddpm.train.step_seed``), so a resume needs none, and a file written on
 eight GPUs resumes on one. Files from before carry an ``rng`` entry, which is ignored.
 
-A weights file (``models/ema.pt``), written by :func:`weights_file`::
+A weights file (``models/ema.pt``), written by :func:`weights_payload`::
 
     {"version": 1, "step": int, "config": {"unet": {...}, "diffusion": {...}},
      "ema": EMA state_dict, "model": state_dict, "class_names": [str, ...]}
@@ -60,7 +60,7 @@ __all__ = [
     "load_sampling_model",
     "save_checkpoint",
     "training_checkpoint",
-    "weights_file",
+    "weights_payload",
 ]
 
 
@@ -158,7 +158,7 @@ def training_checkpoint(
     }
 
 
-def weights_file(
+def weights_payload(
     step: int,
     unet: UNetConfig,
     diffusion: DiffusionConfig,

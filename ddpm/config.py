@@ -189,7 +189,8 @@ class SamplerConfig(_Frozen):
         "ddim", description="ddpm (ancestral), ddim (Song et al. 2020), dpm-solver (++ 2M)."
     )
     steps: int = Field(100, ge=1, description="Network evaluations per image, at most T.")
-    eta: float = Field(0.0, ge=0.0, description="ddim: 0 deterministic, 1 like ddpm.")
+    # eta > 1 makes sigma^2 exceed 1 - abar_prev at some steps: sqrt of a negative, NaN images.
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="ddim: 0 deterministic, 1 like ddpm.")
     spacing: Spacing = Field(
         "trailing",
         description="Which timesteps the steps visit: leading, linspace, trailing; quadratic "

@@ -59,6 +59,3 @@ class EMA(nn.Module):
             ema_b.copy_(live_b)
         self.num_updates += 1
         return decay
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)

@@ -243,8 +243,8 @@ def ddim_sample(
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (Song et al. 2020) over ``steps`` timesteps. Returns x0 (B, C, H, W)."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0; got {eta}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be between 0 and 1; got {eta}")
     timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing, diffusion.alphas_cumprod64)
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     noises = step_noise(shape, generator, device, count=len(timesteps) - 1 if eta > 0 else 0)

@@ -197,9 +197,19 @@ def _build(
     return _State(model, EMA(model, ema_config), optimizer, scheduler)
 
 
-def _resume(state: _State, path: Path, unet_config, diffusion_config, device) -> dict:
-    """Load a training checkpoint into ``state``; refuse one of another model configuration."""
+def _resume(state: _State, path: Path, unet_config, diffusion_config, train_config, device) -> dict:
+    """Load a training checkpoint into ``state``; refuse one of another model configuration,
+    or one whose learning-rate curve this run would not continue."""
     ckpt = load_checkpoint(path, map_location=device)
+    saved = ckpt["config"].get("train", {})
+    cosine = train_config.lr_schedule == "cosine" or saved.get("lr_schedule") == "cosine"
+    if cosine and saved.get("steps") not in (None, train_config.steps):
+        raise CheckpointError(
+            f"{path} was trained for train.steps={saved['steps']} under a cosine learning-rate "
+            f"schedule, whose curve depends on the length; resuming with "
+            f"train.steps={train_config.steps} would jump along it. Set train.steps back to "
+            f"{saved['steps']}, or train this length from scratch (--fresh)."
+        )
     diffs = config_differences(ckpt, unet_config, diffusion_config)
     if diffs:
         raise CheckpointError(
@@ -351,7 +361,7 @@ class _Loop:
             self.say(f"starting fresh: {why_not}")
             return
         unet = self.state.model.config
-        ckpt = _resume(self.state, source, unet, self.diffusion.config, self.device)
+        ckpt = _resume(self.state, source, unet, self.diffusion.config, self.config, self.device)
         best = ckpt["best_val_loss"]
         self.step, self.best.loss = ckpt["step"], math.inf if best is None else best
         self.say(f"resumed from {source} at step {self.step}")

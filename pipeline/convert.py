@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from ddpm.checkpoint import load_sampling_model, save_checkpoint, weights_file
+from ddpm.checkpoint import load_sampling_model, save_checkpoint, weights_payload
 from ddpm.config import DiffusionConfig
 from ddpm.diffusers_format import ConversionError, read_diffusers, write_diffusers
 from ddpm.ema import EMA
@@ -32,7 +32,7 @@ def import_diffusers(folder: Path, out: Path) -> None:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ConversionError(f"{folder}: {str(exc).splitlines()[0]}") from exc
-    payload = weights_file(0, unet_config, diffusion, EMA(model), model, class_names=[])
+    payload = weights_payload(0, unet_config, diffusion, EMA(model), model, class_names=[])
     save_checkpoint({**payload, "converted_from": str(folder)}, out)
     typer.echo(
         f"{out}: {model.num_parameters():,} parameters from {folder}, {_describe(diffusion)}. "

@@ -81,7 +81,7 @@ def plan_points(p: Params, net: SamplingModel) -> list[Point]:
     return points
 
 
-def render(
+def render_point(
     net: SamplingModel,
     point: Point,
     f: FrontierParams,
@@ -120,7 +120,7 @@ def score_points(
     out = []
     with Progress(sum(n * (pt.nfe + 1) for pt in points), "frontier", "NFE") as bar:
         for point in points:
-            images, seconds = render(
+            images, seconds = render_point(
                 net, point, p.frontier, p.seed, p.sample.classes, device, bar, p.sample.bf16
             )
             scores = fidelity(UInt8Images(images), reference, name, extraction, e, p.seed, cache,

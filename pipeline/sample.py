@@ -98,10 +98,27 @@ def render_shared(
         (tmp / "images").mkdir(parents=True)
     _barrier(dist)
     try:
-        render(net, s, seed, my_batches(s, dist), tmp / "images", device, progress=dist.is_main)
+        render_images(
+            net, s, seed, my_batches(s, dist), tmp / "images", device, progress=dist.is_main
+        )
     except NonFiniteSamplesError as exc:
-        raise CheckpointError(f"{s.weights} weights: {exc}") from exc
+        raise blame(exc, net, s) from exc
     _barrier(dist)
+
+
+def blame(exc: NonFiniteSamplesError, net: SamplingModel, s: SampleParams) -> RuntimeError:
+    """The error to report for non-finite samples: the weights when some of them are not
+    finite, else the sampler settings, which made finite weights diverge."""
+    if not all(bool(torch.isfinite(p).all()) for p in net.model.state_dict().values()):
+        return CheckpointError(f"{s.weights} weights: {exc}; some weights are NaN or inf")
+    settings = (
+        f"sampler={s.sampler}, steps={s.steps}, spacing={s.spacing}, eta={s.eta}, "
+        f"clip_x0={s.clip_x0}, guidance_scale={s.guidance_scale}, bf16={s.bf16}"
+    )
+    return NonFiniteSamplesError(
+        f"{exc}; the {s.weights} weights are finite, so the sampler settings diverge ({settings}): "
+        "change them in params.yaml's sample section"
+    )
 
 
 def check_against_model(s: SampleParams, net: SamplingModel) -> None:
@@ -131,7 +148,7 @@ def my_batches(s: SampleParams, dist: Distributed) -> list[range]:
     return [range(i, min(i + s.batch_size, s.num_images)) for i in starts]
 
 
-def render(
+def render_images(
     net: SamplingModel,
     s: SampleParams,
     seed: int,

@@ -149,7 +149,7 @@ class FrontierPoint(Section):
     sampler: SamplerName
     steps: int = Field(ge=1, description="Sampling steps, at most diffusion.timesteps.")
     spacing: Spacing | None = None
-    eta: float | None = Field(None, ge=0.0)
+    eta: float | None = Field(None, ge=0.0, le=1.0)
     variance: Variance | None = None
     clip_x0: bool | None = None
     guidance_scale: float | None = Field(None, ge=0.0)

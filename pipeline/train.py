@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import typer
 
-from ddpm.checkpoint import save_checkpoint, weights_file
+from ddpm.checkpoint import save_checkpoint, weights_payload
 from ddpm.config import UNetConfig
 from ddpm.data.prepared import PreparedSplit, load_prepared
 from ddpm.files import atomic_write_bytes
@@ -77,17 +77,20 @@ RESUMABLE = {
 }  # fmt: skip
 
 
-def run_key(p: Params, unet: UNetConfig, data_sha256: str) -> str:
+def checkpoint_key(p: Params, unet: UNetConfig, data_sha256: str) -> str:
     """The checkpoint folder's name: a hash of everything that defines the training run.
 
     A rerun of the same experiment (after a kill, or with more steps) finds its checkpoints
     and resumes; ``dvc exp run -S schedule=cosine`` gets a fresh folder instead of a refusal.
+    Under ``lr_schedule: cosine`` the learning-rate curve depends on ``steps``, so there the
+    length is part of the key: 200k steps is another run than 100k, not its continuation.
     """
+    resumable = RESUMABLE - {"steps"} if p.train.lr_schedule == "cosine" else RESUMABLE
     identity = {
         "unet": unet.model_dump(mode="json"),
         "diffusion": p.diffusion_config().model_dump(mode="json"),
         "ema": p.ema.model_dump(mode="json"),
-        "train": p.train.model_dump(mode="json", exclude=RESUMABLE),
+        "train": p.train.model_dump(mode="json", exclude=resumable),
         "seed": p.seed,
         "data": data_sha256,
     }
@@ -131,7 +134,7 @@ def train_stage(
             num_classes = splits[0].manifest["num_classes"] if p.model.conditional else None
             unet_config = p.unet_config(num_classes)
             sha = splits[0].manifest["splits"]["train"]["images_sha256"]
-            checkpoints = models / "checkpoints" / run_key(p, unet_config, sha)
+            checkpoints = models / "checkpoints" / checkpoint_key(p, unet_config, sha)
             if fresh and dist.is_main:
                 shutil.rmtree(checkpoints, ignore_errors=True)
             if dist.is_main and device.type == "cpu" and p.train.steps > CPU_HINT_STEPS:
@@ -163,7 +166,7 @@ def publish(
     """models/ema.pt, metrics/train.json and the curves, on disk and in MLflow."""
     weights = models / "ema.pt"
     unet = trained.model.config
-    payload = weights_file(
+    payload = weights_payload(
         trained.result.step, unet, p.diffusion_config(), trained.ema, trained.model,
         split.manifest["class_names"],
     )  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 from archives import ArchiveServer, make_cifar10_archive, make_tiny_imagenet_zip
 from tiny import tiny_unet
 
-from ddpm.checkpoint import save_checkpoint, weights_file
+from ddpm.checkpoint import save_checkpoint, weights_payload
 from ddpm.config import DiffusionConfig
 from ddpm.ema import EMA
 from ddpm.unet import UNet
@@ -89,7 +89,7 @@ def tiny_checkpoint() -> Callable[..., Path]:
         torch.set_rng_state(generator_state)
         class_names = [f"c{i}" for i in range(num_classes or 0)]
         diffusion = DiffusionConfig(timesteps=timesteps)
-        payload = weights_file(7, unet, diffusion, EMA(model), model, class_names)
+        payload = weights_payload(7, unet, diffusion, EMA(model), model, class_names)
         del payload["model"]  # only EMA weights, like a file from before raw weights were kept
         save_checkpoint({**payload, **extra}, path)
         return path

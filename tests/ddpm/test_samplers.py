@@ -226,3 +226,33 @@ def test_clipping_keeps_samples_in_range():
     assert not math.isclose(
         ddim_sample(wild, diffusion, (2, 1, 3, 3), steps=5, clip_x0=False).max().item(), 1.0
     )
+
+
+def test_eta_above_one_makes_the_ddim_step_take_the_root_of_a_negative_number():
+    """sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) exceeds
+    sqrt(1 - abar_prev) for eta > 1 at some steps (linear, T = 1000, 100 trailing steps: t = 19
+    for eta = 1.3), so eq. 12's eps coefficient is NaN; eta is bounded to [0, 1]."""
+    from pydantic import ValidationError
+
+    from ddpm.config import SamplerConfig
+    from ddpm.samplers import make_timesteps
+
+    diffusion = GaussianDiffusion(DiffusionConfig())
+    ts = make_timesteps(1000, 100, "trailing").tolist()
+    abar = diffusion.alphas_cumprod64
+
+    def leftover(eta: float) -> dict[int, float]:
+        out = {}
+        for t, prev in zip(ts, [*ts[1:], -1], strict=True):
+            a_t, a_prev = abar[t], abar[prev] if prev >= 0 else torch.tensor(1.0, dtype=abar.dtype)
+            sigma2 = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+            out[t] = float(1 - a_prev - sigma2)
+        return out
+
+    assert min(leftover(1.0).values()) >= 0
+    negative = [t for t, v in leftover(1.3).items() if v < 0]
+    assert 19 in negative, negative
+    with pytest.raises(ValidationError, match="eta"):
+        SamplerConfig(eta=1.3)
+    with pytest.raises(ValueError, match=r"eta must be between 0 and 1; got 1\.3"):
+        ddim_sample(lambda x, t: x, diffusion, (1, 3, 4, 4), steps=2, eta=1.3)

@@ -288,3 +288,13 @@ def test_compile_wraps_the_ddp_module_not_the_other_way_round(tmp_path, data, mo
     monkeypatch.setattr(ddpm.train.torch, "compile", compile_)
     run(tmp_path, data, short(steps=3, compile=True), dist=Distributed(wrap=wrap))
     assert calls == [("wrap", "UNet"), ("compile", "Wrapped")]
+
+
+def test_a_cosine_run_does_not_resume_with_another_length(tmp_path, data):
+    """The cosine curve decays to zero at ``steps``: extending a finished run would restart it
+    at about half the peak rate. The resume is refused with the reason and the fix."""
+    run(tmp_path, data, short(steps=6, lr_schedule="cosine"))
+    with pytest.raises(CheckpointError, match=r"train.steps=6 under a cosine.*--fresh"):
+        run(tmp_path, data, short(steps=12, lr_schedule="cosine"))
+    resumed, *_ = run(tmp_path, data, short(steps=6, lr_schedule="cosine"))
+    assert resumed.resumed_from_step == 6  # the same length: nothing to do, nothing refused

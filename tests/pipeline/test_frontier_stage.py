@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from ddpm.checkpoint import load_sampling_model
 from ddpm.progress import Progress
 from pipeline.cli import app
-from pipeline.frontier import plan_points, render
+from pipeline.frontier import plan_points, render_point
 from pipeline.settings import load_params
 
 runner = CliRunner()
@@ -108,7 +108,7 @@ def test_image_i_starts_from_the_noise_sample_gives_it_at_every_point(project):
     points = {(pt.series, pt.config.steps): pt for pt in plan_points(p, net)}
     with Progress(None, "test", enabled=False) as bar:
         point, device = points[("ddim", 4)], torch.device("cpu")
-        images, _ = render(net, point, p.frontier, p.seed, p.sample.classes, device, bar)
+        images, _ = render_point(net, point, p.frontier, p.seed, p.sample.classes, device, bar)
     written = [np.asarray(Image.open(f"samples/images/{i:06d}.png")) for i in range(12)]
     assert torch.equal(images, torch.from_numpy(np.stack(written)))
 

@@ -144,3 +144,16 @@ def test_a_bad_params_file_exits_2_in_every_stage(tmp_path, stage):
     result = CliRunner().invoke(app, [stage, "--params", str(path)])
     assert result.exit_code == 2, result.output
     assert "train.lr" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("schedule, same", [("constant", True), ("cosine", False)])
+def test_more_steps_resume_the_same_run_unless_the_lr_curve_depends_on_them(schedule, same):
+    """Under a cosine schedule a 200k run is not the continuation of a 100k one: the curve
+    decays over ``steps``, so the length names another checkpoint folder."""
+    from pipeline.train import checkpoint_key
+
+    p = load_params(ROOT / "params.yaml")
+    p = p.model_copy(update={"train": p.train.model_copy(update={"lr_schedule": schedule})})
+    longer = p.model_copy(update={"train": p.train.model_copy(update={"steps": 200_000})})
+    keys = [checkpoint_key(q, q.unet_config(), "sha") for q in (p, longer)]
+    assert (keys[0] == keys[1]) is same

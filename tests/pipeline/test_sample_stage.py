@@ -183,6 +183,7 @@ def test_a_conditional_model_samples_the_chosen_classes(project, tiny_checkpoint
         ({"steps": 21}, "sample.steps=21 is more than diffusion.timesteps=20", 2),
         ({"sampler": "euler"}, "sample.sampler", 2),
         ({"nan": True}, "produced NaN or inf values for images [0, 1]", 1),
+        ({"eta": 1.3}, "sample.eta", 2),
     ],
 )
 def test_bad_checkpoints_and_params_exit_with_one_clear_line(project, change, message, code):
@@ -198,3 +199,20 @@ def test_bad_checkpoints_and_params_exit_with_one_clear_line(project, change, me
     assert result.exit_code == code, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (project / "samples").exists() and not (project / ".samples.tmp").exists()
+
+
+def test_non_finite_samples_from_finite_weights_blame_the_sampler_settings(project, monkeypatch):
+    """NaN images from weights that are all finite come from the sampler: the error names its
+    settings, not the weights (it used to say the weights were broken)."""
+    import pipeline.sample
+    from ddpm.errors import NonFiniteSamplesError
+
+    def diverges(*args, **kwargs):
+        raise NonFiniteSamplesError("the ddim-5 sampler produced NaN or inf values for images [0]")
+
+    monkeypatch.setattr(pipeline.sample, "generate", diverges)
+    result = runner.invoke(app, ["sample"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "the ema weights are finite, so the sampler settings diverge (sampler=" in text, text
+    assert "eta=" in text and "Traceback" not in result.output
