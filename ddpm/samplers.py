@@ -99,6 +99,12 @@ def make_timesteps(
     return torch.from_numpy(ts.copy())
 
 
+def sampling_timesteps(diffusion: GaussianDiffusion, steps: int, spacing: Spacing) -> torch.Tensor:
+    """The timesteps a sampler of ``steps`` steps visits on ``diffusion``'s chain (its T and,
+    for logsnr, its schedule): :func:`make_timesteps` given the diffusion, not its parts."""
+    return make_timesteps(diffusion.num_timesteps, steps, spacing, diffusion.alphas_cumprod64)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -208,12 +214,7 @@ def ddpm_sample(
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling over all T steps (or ``steps`` respaced ones). Returns x0 (B, C, H, W)."""
-    timesteps = make_timesteps(
-        diffusion.num_timesteps,
-        steps or diffusion.num_timesteps,
-        spacing,
-        diffusion.alphas_cumprod64,
-    )
+    timesteps = sampling_timesteps(diffusion, steps or diffusion.num_timesteps, spacing)
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     noises = step_noise(shape, generator, device, count=len(timesteps) - 1)
     for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "ddpm")):
@@ -245,7 +246,7 @@ def ddim_sample(
     """DDIM sampling (Song et al. 2020) over ``steps`` timesteps. Returns x0 (B, C, H, W)."""
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be between 0 and 1; got {eta}")
-    timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing, diffusion.alphas_cumprod64)
+    timesteps = sampling_timesteps(diffusion, steps, spacing)
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     noises = step_noise(shape, generator, device, count=len(timesteps) - 1 if eta > 0 else 0)
     for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "ddim")):
@@ -281,7 +282,7 @@ def dpm_solver_sample(
     x0 on the first step and the second-order combination (1 + 1/2r) x0 - 1/2r x0_last after.
     The last step, to t = -1 (sigma = 0), returns the predicted x0 itself.
     """
-    timesteps = make_timesteps(diffusion.num_timesteps, steps, spacing, diffusion.alphas_cumprod64)
+    timesteps = sampling_timesteps(diffusion, steps, spacing)
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     x0_last, h_last = None, None
     for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "dpm")):

@@ -37,7 +37,7 @@ from ddpm.files import atomic_write_bytes, replace_dir
 from ddpm.generation import generate, image_labels
 from ddpm.pixels import to_uint8
 from ddpm.progress import Progress
-from ddpm.samplers import make_timesteps
+from ddpm.samplers import sampling_timesteps
 from pipeline.errors import ParamsError, stage_errors
 from pipeline.fidelity import Extraction, UInt8Images, fidelity, label, plan, reference_cache_name
 from pipeline.logged import frontier_metrics
@@ -74,9 +74,7 @@ def plan_points(p: Params, net: SamplingModel) -> list[Point]:
         guided = config.guidance_scale != 1.0
         if guided and not conditional:
             raise ParamsError(f"frontier.points[{i}]: guidance needs a class-conditional model")
-        visited = make_timesteps(
-            diffusion.num_timesteps, config.steps, config.spacing, diffusion.alphas_cumprod64
-        )
+        visited = sampling_timesteps(diffusion, config.steps, config.spacing)
         points.append(Point(entry.series, config, len(visited) * (2 if guided else 1)))
     return points
 

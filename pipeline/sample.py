@@ -39,7 +39,7 @@ from ddpm.files import atomic_write_bytes, replace_dir
 from ddpm.generation import generate, image_generators, image_labels, slerp
 from ddpm.pixels import grid, to_float, to_uint8
 from ddpm.progress import Progress
-from ddpm.samplers import make_timesteps
+from ddpm.samplers import sampling_timesteps
 from pipeline.errors import ParamsError, stage_errors
 from pipeline.outputs import save_png, write_json
 from pipeline.runtime import distributed
@@ -195,9 +195,7 @@ def write_extras(
     first = read_pngs(folder / "images", range(min(s.grid_images, s.num_images)))
     save_png(folder / names[0], grid(first))
     atomic_write_bytes(folder / names[1], denoising_gif(net, s, seed, device))
-    steps = make_timesteps(
-        net.diffusion.num_timesteps, s.steps, s.spacing, net.diffusion.alphas_cumprod64
-    )
+    steps = sampling_timesteps(net.diffusion, s.steps, s.spacing)
     save_png(folder / names[2], schedule_figure(net.diffusion, steps))
     save_png(folder / names[3], forward_figure(net, real, seed))
     if s.interpolation:
@@ -209,11 +207,7 @@ def write_extras(
 def denoising_gif(net: SamplingModel, s: SampleParams, seed: int, device: torch.device) -> bytes:
     """An animated GIF of x_t along the sampler for the first ``gif_images`` images."""
     indices = list(range(min(s.gif_images, s.num_images)))
-    total = len(
-        make_timesteps(
-            net.diffusion.num_timesteps, s.steps, s.spacing, net.diffusion.alphas_cumprod64
-        )
-    )
+    total = len(sampling_timesteps(net.diffusion, s.steps, s.spacing))
     keep = set(torch.linspace(0, total - 1, min(s.gif_frames, total)).round().long().tolist())
     frames = []
 

@@ -341,4 +341,8 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ParamsError(f"{path} is invalid:\n{exc}") from exc
+        raise ParamsError(
+            f"{path} is invalid:\n{exc}\nThese values are in {path} itself (`dvc exp run -S` "
+            f"writes there, so every later stage fails on them too): correct them in {path}, "
+            f"or restore the committed file with `git checkout {path}`."
+        ) from exc

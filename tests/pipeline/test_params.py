@@ -93,6 +93,8 @@ def test_a_bad_value_is_refused_naming_the_key(tmp_path, override, words):
         load_params(write(tmp_path, **override))
     for word in words:
         assert word in str(info.value)
+    # `dvc exp run -S schedule=cosin` leaves the typo in params.yaml: the way back is named
+    assert f"`git checkout {tmp_path / 'params.yaml'}`" in str(info.value)
 
 
 def test_an_override_reaches_the_code(tmp_path):
