@@ -21,9 +21,7 @@ The GPU check (``scripts/gpu_check.sh``) runs it; figures land in benchmarks/RES
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
-import itertools
 import json
 import math
 import statistics
@@ -39,6 +37,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import sampler_step_times, sync, timed
 
 from ddpm.checkpoint import CHANNELS_LAST_DEVICES, load_sampling_model
 from ddpm.config import SamplerConfig, UNetConfig
@@ -50,23 +51,6 @@ from ddpm.unet import UNet
 GOALS = {"train_images_per_second": 5000, "sampler_overhead": 0.05, "fid_10k_seconds": 60}
 TINY = UNetConfig(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
                   attention_resolutions=(8,), num_groups=8)  # fmt: skip
-
-
-class _Stop(Exception):
-    pass
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def median_time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
@@ -161,21 +145,6 @@ def sampling_model(args, device: torch.device):
     return SamplingModel(model, GaussianDiffusion().to(device), None, 0)
 
 
-def step_times(run: Callable[..., torch.Tensor], k: int, device: torch.device) -> list[float]:
-    """Seconds of each of the first ``k`` steps of ``run(callback=...)``, the first left out."""
-    stamps = [time.perf_counter()]
-
-    def callback(i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-        sync(device)
-        stamps.append(time.perf_counter())
-        if i + 1 >= k:
-            raise _Stop
-
-    with contextlib.suppress(_Stop):
-        run(callback=callback)
-    return [b - a for a, b in itertools.pairwise(stamps[1:])]
-
-
 def sampling(args, device: torch.device) -> dict:
     net = sampling_model(args, device)
     model, diffusion, batch = net.model, net.diffusion, args.sample_batch
@@ -209,8 +178,8 @@ def sampling(args, device: torch.device) -> dict:
             (f"ddim-{ddim_steps} step", ddim, False, forwards[used]),
             (f"ddpm-{T} bf16 step", ddpm, True, forwards["bf16"])]  # fmt: skip
     for name, sampler, bf16, forward in plan:
-        steps = step_times(lambda callback, s=sampler, b=bf16: run(s, b, callback=callback),
-                           k, device)  # fmt: skip
+        steps = sampler_step_times(lambda callback, s=sampler, b=bf16: run(s, b, callback=callback),
+                                   k, device)[1:]  # the first step draws x_T too  # fmt: skip
         step = statistics.median(steps)
         out[name] = {"step_ms": step * 1e3, "overhead": step / forward - 1,
                      "images_per_second_extrapolated": batch / (step * sampler.steps)}  # fmt: skip

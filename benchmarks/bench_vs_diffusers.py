@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import datetime as dt
 import functools
-import itertools
 import math
 import os
 import platform
@@ -43,7 +42,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -52,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from results import RESULTS, write_section
+from timing import sampler_step_times, sync, timed
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -160,20 +159,6 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call of ``fn`` takes, the device's queue drained on both sides."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def interleave(
     fns: dict[str, Callable[[], None]], warmup: int, iters: int, device: torch.device
 ) -> dict[str, list[float]]:
@@ -275,27 +260,6 @@ def compile_row(
     times = interleave(steps, args.warmup, args.iters, device)
     rates["train fp32 channels_last, compiled"] = batch / statistics.median(times["ours"])
     return pair_row(key, times, batch, f"first call (compile) {compile_s:.0f} s")
-
-
-class _Stop(Exception):
-    """Raised by the step callback to end a sampler after k steps."""
-
-
-def sampler_step_times(
-    sample: Callable[..., torch.Tensor], k: int, device: torch.device
-) -> list[float]:
-    """Seconds of each of the first ``k`` steps of ``sample(callback=...)``."""
-    stamps = [time.perf_counter()]
-
-    def callback(i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-        sync(device)
-        stamps.append(time.perf_counter())
-        if i + 1 >= k:
-            raise _Stop
-
-    with contextlib.suppress(_Stop):
-        sample(callback=callback)
-    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def samplers(model: nn.Module, batch: int, device: torch.device) -> dict[str, tuple[Callable, int]]:

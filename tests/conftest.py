@@ -97,6 +97,17 @@ def tiny_checkpoint() -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture
+def strict_mode_restored():
+    """use_deterministic_algorithms is process-wide: put back what the test changed."""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tests use tiny models, which run faster on one thread than on two contended ones; the

@@ -208,17 +208,6 @@ def test_a_conditional_model_trains_on_labels_and_refuses_data_without_them(tmp_
         run(tmp_path / "b", unlabelled, short(), unet=conditional)
 
 
-@pytest.fixture
-def strict_mode_restored():
-    """use_deterministic_algorithms is process-wide: put back what the test changed."""
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
 def test_deterministic_means_strict_not_a_warning(monkeypatch, strict_mode_restored):
     from ddpm.train import make_deterministic
 

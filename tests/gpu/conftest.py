@@ -25,14 +25,3 @@ def device() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device (DDPM_GPU_TESTS_DEVICE=cpu runs these on the CPU)")
     return torch.device("cuda")
-
-
-@pytest.fixture
-def strict_mode_restored():
-    """use_deterministic_algorithms is process-wide: put back what the test changed."""
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
