@@ -85,11 +85,17 @@ def sample(
         Path("data/prepared"), "--data", help="Prepared data (forward figure)."
     ),
     out: Path = typer.Option(Path("samples"), "--out", help="The samples folder to write."),
+    metrics: Path = METRICS,
 ) -> None:
-    """Sample images from the trained weights (sharded across processes under torchrun)."""
+    """Sample images from the trained weights (sharded across processes under torchrun).
+
+    Writes samples/ (the images, a grid, a GIF, figures, manifest.json) and
+    metrics/sample.json (the rate), and logs the run's model: a pyfunc that makes the same
+    images, defaulting to these sample settings.
+    """
     from pipeline.sample import sample_stage
 
-    sample_stage(params, models, data, out)
+    sample_stage(params, models, data, out, metrics)
 
 
 @app.command()
@@ -124,16 +130,24 @@ def frontier(
 
 
 @app.command()
-def track(params: Path = PARAMS, models: Path = MODELS, metrics: Path = METRICS) -> None:
+def track(
+    params: Path = PARAMS,
+    data: Path = REFERENCE,
+    models: Path = MODELS,
+    samples: Path = SAMPLES,
+    frontier: Path = typer.Option(Path("frontier"), "--frontier", help="The frontier's figures."),
+    metrics: Path = METRICS,
+) -> None:
     """Complete the experiment's MLflow run from the results on disk; the last stage.
 
-    A stage DVC restores from its run cache logs nothing; this logs the metrics of
-    metrics/*.json and the loss curves that the run lacks, the model from models/ema.pt if the
-    run has none, and registers it when registry.enabled is true.
+    A stage DVC restores from its run cache logs nothing; for each such stage this logs what
+    the stage would have logged, read from the same files: its metrics, the loss curves, the
+    dataset inputs, its artifacts and the model. With registry.enabled it registers the model.
     """
+    from pipeline.projection import Layout
     from pipeline.track import track_stage
 
-    track_stage(params, models, metrics)
+    track_stage(params, Layout(data, models, samples, frontier, metrics))
 
 
 @app.command()

@@ -24,8 +24,8 @@ from pipeline.fidelity import (
     plan,
     reference_cache_name,
 )
-from pipeline.logged import eval_metrics
 from pipeline.outputs import write_json
+from pipeline.projection import Layout, evaluate_record, project
 from pipeline.settings import PRC_NEIGHBORHOOD, EvaluateParams, Machine, Params, load_params
 from pipeline.tracking import Tracker
 
@@ -82,13 +82,13 @@ def evaluate_stage(params: Path, data: Path, samples: Path, metrics: Path) -> No
     with stage_errors():
         p = load_params(params)
         with Tracker(p.model_dump(mode="json"), "evaluate") as tracker:
-            summary = evaluate(p, data, samples, tracker)
+            summary = evaluate(p, data, samples)
             write_json(metrics / "eval.json", summary)
-            tracker.log_artifact(metrics / "eval.json", "metrics")
+            project(tracker, evaluate_record(Layout(data=data, samples=samples, metrics=metrics)))
             typer.echo(json.dumps(summary, indent=2))
 
 
-def evaluate(p: Params, data: Path, samples: Path, tracker: Tracker) -> dict[str, Any]:
+def evaluate(p: Params, data: Path, samples: Path) -> dict[str, Any]:
     """Score the samples folder against the reference split: eval.json's contents."""
     e, machine = p.evaluate, Machine()
     if machine.num_threads:
@@ -98,7 +98,6 @@ def evaluate(p: Params, data: Path, samples: Path, tracker: Tracker) -> dict[str
     check_inputs(e, found, split.images)
     extractions = plan(e, machine)
     sha = split.manifest["splits"][e.reference_split]["images_sha256"]
-    tracker.log_dataset(split.manifest, e.reference_split, "evaluation")
     results: dict[str, float] = {}
     for x in extractions:
         name = reference_cache_name(sha, e.reference_split, x.weights)
@@ -117,7 +116,6 @@ def evaluate(p: Params, data: Path, samples: Path, tracker: Tracker) -> dict[str
         "weights": _weights_name(extractions),
         "label": label(extractions, found.count),
     }
-    tracker.log_metrics(eval_metrics(summary))
     return summary
 
 

@@ -40,8 +40,8 @@ from ddpm.progress import Progress
 from ddpm.samplers import sampling_timesteps
 from pipeline.errors import ParamsError, stage_errors
 from pipeline.fidelity import Extraction, UInt8Images, fidelity, label, plan, reference_cache_name
-from pipeline.logged import frontier_metrics
 from pipeline.outputs import save_png, write_json
+from pipeline.projection import Layout, frontier_record, project
 from pipeline.runtime import pick_device
 from pipeline.settings import FrontierParams, Machine, Params, load_params
 from pipeline.tracking import Tracker
@@ -128,9 +128,10 @@ def score_points(
     return out
 
 
-def summary(scored: list[Scored], num_images: int, trust: str) -> dict:
+def summary(scored: list[Scored], num_images: int, trust: str, reference_split: str) -> dict:
     """metrics/frontier.json: series -> steps -> numbers."""
-    tree: dict = {"num_images": num_images, "label": trust, "series": {}}
+    tree: dict = {"num_images": num_images, "label": trust, "reference_split": reference_split,
+                  "series": {}}  # fmt: skip
     for s in scored:
         tree["series"].setdefault(s.point.series, {})[str(s.point.config.steps)] = {
             "nfe": s.point.nfe,
@@ -183,15 +184,14 @@ def frontier_stage(params: Path, models: Path, data: Path, out: Path, metrics: P
     with stage_errors():
         p = load_params(params)
         with Tracker(p.model_dump(mode="json"), "frontier") as tracker:
-            scored, tree = frontier(p, models, data, tracker)
+            scored, tree = frontier(p, models, data)
             write_outputs(scored, tree, out, metrics)
-            for path in (metrics / "frontier.json", metrics / "frontier.tsv", *out.iterdir()):
-                tracker.log_artifact(path, "frontier")
+            project(tracker, frontier_record(Layout(data=data, frontier=out, metrics=metrics)))
         typer.echo(f"{tree['label']}\n{table(scored, p.frontier.num_images)}")
 
 
-def frontier(p: Params, models: Path, data: Path, tracker: Tracker) -> tuple[list[Scored], dict]:
-    """Plan, sample and score every point; log the numbers with NFE as the step."""
+def frontier(p: Params, models: Path, data: Path) -> tuple[list[Scored], dict]:
+    """Plan, sample and score every point: the points and frontier.json's tree."""
     machine = Machine()
     if machine.num_threads:
         torch.set_num_threads(machine.num_threads)
@@ -200,12 +200,8 @@ def frontier(p: Params, models: Path, data: Path, tracker: Tracker) -> tuple[lis
     points = plan_points(p, net)
     split = load_prepared(data, p.evaluate.reference_split)
     extraction, n = _inception(p, machine, split, net), p.frontier.num_images
-    tracker.log_dataset(split.manifest, p.evaluate.reference_split, "evaluation")
     scored = score_points(net, points, p, split, extraction, device)
-    tree = summary(scored, n, label([extraction], n))
-    for nfe, values in frontier_metrics(tree):
-        tracker.log_metrics(values, nfe)
-    return scored, tree
+    return scored, summary(scored, n, label([extraction], n), p.evaluate.reference_split)
 
 
 def _inception(p: Params, machine: Machine, split: PreparedSplit, net: SamplingModel) -> Extraction:

@@ -1,34 +1,32 @@
-"""The trained EMA model as an MLflow model: a pyfunc that generates images.
+"""The trained model as an MLflow model: a pyfunc that generates images.
 
-The train stage logs it with the run (``model/``); with ``registry.enabled: true`` the
-track stage registers it under ``registry.model_name``, its FID as a tag. Then, offline on
-the SQLite store as on a server::
+The sample stage logs it with the run (``model/``), from models/ema.pt and its own settings;
+with ``registry.enabled: true`` the track stage registers it under ``registry.model_name``,
+the evaluation's scores as tags. Then, offline on the SQLite store as on a server::
 
     import mlflow, pandas as pd
     model = mlflow.pyfunc.load_model("models:/ddpm-cifar10-cars/1")
-    images = model.predict(pd.DataFrame(
-        {"num_images": [4], "sampler": ["ddim"], "steps": [50], "seed": [0]}
-    ))  # uint8 (4, 32, 32, 3); conditional models take a "class" column too
+    images = model.predict(pd.DataFrame({"num_images": [4, 2], "seed": [0, 1]}))
+    # uint8 (6, 32, 32, 3): row 1's four images, then row 2's two
 
-and ``mlflow models serve -m models:/ddpm-cifar10-cars/1 --env-manager local`` serves the same
-over HTTP. Image i of a seed is the image ``sample`` makes for that seed and index.
+Every column but ``num_images`` is optional and defaults to the experiment's ``sample``
+settings (``sampler``, ``steps``, ``eta``, ``spacing``, ``clip_x0``, ``guidance_scale``,
+``seed``; ``class`` for conditional models), so image i of a seed is the image ``sample``
+writes for that seed. ``mlflow models serve -m models:/ddpm-cifar10-cars/1 --env-manager
+local`` serves the same over HTTP. The model is logged from code (:mod:`pipeline.pyfunc`),
+with ``ddpm`` copied in, so it loads without this project on the path.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import torch
 
-from ddpm.checkpoint import load_sampling_model, save_checkpoint
-from ddpm.config import SamplerConfig
-from ddpm.generation import generate
-from ddpm.pixels import to_uint8
+from ddpm.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = [
@@ -38,53 +36,45 @@ REQUIREMENTS = [
     "pydantic",
     "pillow",
 ]
-
-
-class ImageGenerator(mlflow.pyfunc.PythonModel):
-    """predict(DataFrame[num_images, sampler, steps, seed, (class)]) -> uint8 (N, H, W, 3)."""
-
-    def load_context(self, context) -> None:
-        self.net = load_sampling_model(Path(context.artifacts["weights"]))
-
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
-        row = model_input.iloc[0]
-        n = int(row["num_images"])
-        config = SamplerConfig(sampler=str(row["sampler"]), steps=int(row["steps"]))
-        labels = None
-        if self.net.model.config.num_classes is not None:
-            label = row.get("class")
-            missing = label is None or (isinstance(label, float) and math.isnan(label))
-            labels = torch.full((n,), self.net.model.null_class if missing else int(label))
-        with torch.no_grad():
-            x = generate(self.net.model, self.net.diffusion, range(n), int(row["seed"]), config,
-                         labels=labels)  # fmt: skip
-        return to_uint8(x).numpy()
+WEIGHT_ENTRY = {"ema": "ema", "raw": "model"}  # sample.weights -> the checkpoint entry it reads
 
 
 def signature(image_size: int, conditional: bool):
-    """The pyfunc's input columns and its uint8 image tensor output."""
+    """The request columns (only ``num_images`` required) and the uint8 image output."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-    columns = [ColSpec("long", "num_images"), ColSpec("string", "sampler"),
-               ColSpec("long", "steps"), ColSpec("long", "seed")]  # fmt: skip
+    kinds = {"seed": "long", "sampler": "string", "steps": "long", "eta": "double",
+             "spacing": "string", "clip_x0": "boolean", "guidance_scale": "double"}  # fmt: skip
     if conditional:
-        columns.append(ColSpec("long", "class", required=False))
+        kinds["class"] = "long"
+    columns = [ColSpec("long", "num_images")]
+    columns += [ColSpec(kind, name, required=False) for name, kind in kinds.items()]
     output = TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 3))
     return ModelSignature(inputs=Schema(columns), outputs=Schema([output]))
 
 
-def log_image_model(payload: dict) -> None:
-    """Log the EMA weights (with their config, nothing else) as the run's pyfunc ``model``."""
+def log_image_model(weights: Path, settings: dict[str, Any], tags: dict[str, str]):
+    """Log ``weights`` (only the entry ``settings['weights']`` names, with the config) as the
+    run's pyfunc ``model``, defaulting to ``settings``; returns MLflow's ModelInfo."""
+    import mlflow.pyfunc  # here: a stage with tracking off runs where MLflow is not installed
+
+    import pipeline.pyfunc as code
+
+    payload = load_checkpoint(weights)
     unet = payload["config"]["unet"]
+    other = set(WEIGHT_ENTRY.values()) - {WEIGHT_ENTRY[settings["weights"]]}
     with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "ema.pt"
-        save_checkpoint({k: v for k, v in payload.items() if k != "model"}, weights)
-        mlflow.pyfunc.log_model(
+        kept = Path(tmp) / "weights.pt"
+        save_checkpoint({k: v for k, v in payload.items() if k not in other}, kept)
+        return mlflow.pyfunc.log_model(
             name="model",
-            python_model=ImageGenerator(),
-            artifacts={"weights": str(weights)},
-            code_paths=[str(ROOT / "ddpm"), str(ROOT / "pipeline")],
+            python_model=code.__file__,
+            artifacts={"weights": str(kept)},
+            model_config=settings,
+            code_paths=[str(ROOT / "ddpm")],
             signature=signature(unet["image_size"], unet["num_classes"] is not None),
+            input_example={"num_images": [1], "steps": [1]},
             pip_requirements=REQUIREMENTS,
+            tags=tags,
         )

@@ -10,6 +10,9 @@ Outputs, in ``samples/`` (DVC ``cache: false``: thousands of PNGs)::
     figures/forward_process.png   real training images noised at a few t
     manifest.json             what was sampled, how (evaluate reads it)
 
+and ``metrics/sample.json`` (the rate; a file of its own, so that evaluate, which reads
+``samples/``, is not rerun for a timing).
+
 Image ``i`` draws its noise from a generator seeded by (seed, i), and batch k always holds
 images [k B, (k + 1) B); under torchrun rank r renders batches r, r + world_size, ..., so the
 set is the one a single process makes, bit for bit (on the same device and thread count).
@@ -41,7 +44,9 @@ from ddpm.pixels import grid, to_float, to_uint8
 from ddpm.progress import Progress
 from ddpm.samplers import sampling_timesteps
 from pipeline.errors import ParamsError, stage_errors
+from pipeline.model import log_image_model
 from pipeline.outputs import save_png, write_json
+from pipeline.projection import Layout, project, sample_record
 from pipeline.runtime import distributed
 from pipeline.settings import Machine, SampleParams, load_params
 from pipeline.tracking import Tracker
@@ -50,7 +55,7 @@ FORWARD_FRACTIONS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # of T - 1, in the f
 FORWARD_IMAGES = 4
 
 
-def sample_stage(params: Path, models: Path, data: Path, out: Path) -> None:
+def sample_stage(params: Path, models: Path, data: Path, out: Path, metrics: Path) -> None:
     """The sample stage (``pipeline sample --help``), sharded across processes under torchrun."""
     with stage_errors():
         p = load_params(params)
@@ -67,14 +72,17 @@ def sample_stage(params: Path, models: Path, data: Path, out: Path) -> None:
             try:
                 start = time.perf_counter()
                 render_shared(net, s, p.seed, tmp, dist, device)
-                rate = s.num_images / (time.perf_counter() - start)
+                seconds = time.perf_counter() - start
                 if dist.is_main:
-                    extras = write_extras(net, s, p.seed, tmp, real, device)
+                    write_extras(net, s, p.seed, tmp, real, device)
                     write_json(tmp / "manifest.json", manifest(net, s, p.seed, path))
                     replace_dir(tmp, out)
-                    tracker.log_metrics({"images_per_second": rate})
-                    for name in [*extras, "manifest.json"]:
-                        tracker.log_artifact(out / name, str(Path("samples", name).parent))
+                    write_json(metrics / "sample.json", {
+                        "images_per_second": round(s.num_images / seconds, 2),
+                        "wall_time_s": round(seconds, 2),
+                    })  # fmt: skip
+                    layout = Layout(models=models, samples=out, metrics=metrics)
+                    project(tracker, sample_record(layout), log_image_model)
                     typer.echo(
                         f"{out}/images: {s.num_images} images ({s.sampler}, {s.steps} steps)"
                     )

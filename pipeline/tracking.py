@@ -18,6 +18,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from pipeline.settings import Machine
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "ddpm")
 # MLflow 3 opens an experiment of unknown kind on its GenAI pages; this kind opens the runs table.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+BATCH = 1000  # metrics per log_batch call (the REST API's limit)
 METRIC_GROUPS = {"evaluate": "eval"}  # stage -> metric prefix, where it is not the stage name
 
 
@@ -150,38 +153,67 @@ class Tracker:
             except Exception as exc:
                 self._fail("logging metrics", exc)
 
-    def logged(self) -> set[str] | None:
-        """The names of the metrics the run holds (None when tracking is off)."""
+    def tags(self) -> dict[str, str] | None:
+        """The run's tags (None when tracking is off)."""
         if not self.enabled:
             return None
         try:
-            return set(self._mlflow.get_run(self.run_id).data.metrics)
+            return dict(self._mlflow.get_run(self.run_id).data.tags)
         except Exception as exc:
             self._fail("reading the run", exc)
             return None
 
-    def has_model(self) -> bool:
-        """Whether this run logged its pyfunc ``model`` (True when tracking is off: no work)."""
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            try:
+                self._mlflow.set_tags(tags)
+            except Exception as exc:
+                self._fail("setting tags", exc)
+
+    def log_series(self, series: dict[str, list[tuple[int, float]]]) -> int:
+        """Log the (step, value) rows of each named metric that the run does not hold yet;
+        returns how many it logged."""
         if not self.enabled:
-            return True
+            return 0
         try:
-            where = f"name = 'model' AND source_run_id = '{self.run_id}'"
+            from mlflow.entities import Metric
+
+            client, now = self._mlflow.MlflowClient(), int(time.time() * 1000)
+            rows = []
+            for name, points in series.items():
+                held = {(m.step, m.value) for m in client.get_metric_history(self.run_id, name)}
+                rows += [Metric(name, v, now, s) for s, v in points if (s, v) not in held]
+            for start in range(0, len(rows), BATCH):
+                client.log_batch(self.run_id, metrics=rows[start : start + BATCH])
+            return len(rows)
+        except Exception as exc:
+            self._fail("logging metrics", exc)
+            return 0
+
+    def logged_model(self, model_sha256: str) -> str | None:
+        """The id of this run's pyfunc ``model`` tagged ``model_sha256``, if any."""
+        if not self.enabled:
+            return None
+        try:
+            where = (f"name = 'model' AND source_run_id = '{self.run_id}' "
+                     f"AND tags.model_sha256 = '{model_sha256}'")  # fmt: skip
             found = self._mlflow.search_logged_models(filter_string=where, output_format="list")
-            return bool(found)
+            return found[0].model_id if found else None
         except Exception as exc:
             self._fail("looking for the model", exc)
-            return True
+            return None
 
-    def registered(self, name: str) -> bool:
-        """Whether a version of ``name`` comes from this run (True when tracking is off)."""
+    def registered(self, name: str, model_sha256: str) -> bool:
+        """Whether a version of ``name`` holds this run's model tagged ``model_sha256``."""
         if not self.enabled:
-            return True
+            return False
         try:
             where = f"name = '{name}' AND run_id = '{self.run_id}'"
-            return bool(self._mlflow.MlflowClient().search_model_versions(where))
+            versions = self._mlflow.MlflowClient().search_model_versions(where)
+            return any(v.tags.get("model_sha256") == model_sha256 for v in versions)
         except Exception as exc:
             self._fail("looking up the registry", exc)
-            return True
+            return False
 
     def log_dataset(self, manifest: dict[str, Any], split: str, context: str) -> None:
         """A prepared split as the run's dataset input, so the UI's Dataset column names it:
@@ -194,22 +226,21 @@ class Tracker:
         except Exception as exc:
             self._fail("logging the dataset", exc)
 
-    def log_model(self, payload: dict[str, Any]) -> None:
-        """The EMA weights of a weights file as the run's pyfunc ``model`` (pipeline.model)."""
+    def log_model(self, log: Callable[..., Any], *args: Any) -> None:
+        """The run's pyfunc ``model``, by ``log(*args)`` (:func:`pipeline.model.log_image_model`,
+        passed in so that only the stages that log a model import it)."""
         if self.enabled:
             try:
-                from pipeline.model import log_image_model
-
-                log_image_model(payload)
+                log(*args)
             except Exception as exc:
                 self._fail("logging the model", exc)
 
-    def register_model(self, name: str, tags: dict[str, str]) -> None:
-        """Register this run's ``model`` under ``name`` in the model registry, with ``tags``."""
+    def register_model(self, name: str, model_id: str, tags: dict[str, str]) -> None:
+        """Register the logged model ``model_id`` under ``name`` in the registry, with ``tags``."""
         if not self.enabled:
             return
         try:
-            version = self._mlflow.register_model(f"runs:/{self.run_id}/model", name, tags=tags)
+            version = self._mlflow.register_model(f"models:/{model_id}", name, tags=tags)
             print(f"registered models:/{name}/{version.version} ({tags})")
         except Exception as exc:
             self._fail("registering the model", exc)

@@ -20,22 +20,17 @@ import typer
 from ddpm.checkpoint import save_checkpoint, weights_payload
 from ddpm.config import UNetConfig
 from ddpm.data.prepared import PreparedSplit, load_prepared
-from ddpm.files import atomic_write_bytes
+from ddpm.files import atomic_write_bytes, replace_dir
 from ddpm.pixels import grid
 from ddpm.train import Dataset, Hooks, Trained, TrainResult, train
 from pipeline.errors import stage_errors
-from pipeline.logged import train_metrics
 from pipeline.outputs import save_png, write_json
+from pipeline.projection import CURVES, Layout, format_curve_row, project, train_record
 from pipeline.runtime import distributed
 from pipeline.settings import Machine, Params, load_params
 from pipeline.tracking import Tracker
 
 CPU_HINT_STEPS = 1000  # longer runs on the CPU get a word about their cost and `make smoke`
-
-CURVES = {
-    "train_curve.tsv": ["step", "loss", "lr", "grad_norm", "images_per_second"],
-    "val_curve.tsv": ["step", "val_loss"],
-}
 
 
 class Curves:
@@ -49,16 +44,25 @@ class Curves:
         self.folder = folder
         for name, columns in CURVES.items():
             path = folder / name
-            rows = path.read_text().splitlines()[1:] if path.exists() else []
-            kept = [r for r in rows if int(r.split("\t")[0]) <= resume_step]
+            lines = path.read_text().splitlines() if path.exists() else []
+            old = lines[0].split("\t") if lines else columns  # an older file may lack a column
+            kept = []
+            for line in lines[1:]:
+                cells = dict(zip(old, line.split("\t"), strict=True))
+                if int(cells["step"]) <= resume_step:
+                    kept.append("\t".join(cells.get(c, "nan") for c in columns))
             atomic_write_bytes(path, "\n".join(["\t".join(columns), *kept, ""]).encode())
 
-    def append(self, step: int, metrics: dict[str, float]) -> None:
+    def append(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Append the rows ``metrics`` completes; returns their values as written."""
+        written = {}
         for name, columns in CURVES.items():
             if all(c in metrics for c in columns[1:]):
+                row = format_curve_row(columns, step, metrics)
                 with open(self.folder / name, "a") as f:
-                    f.write("\t".join([str(step)] + [f"{metrics[c]:.6g}" for c in columns[1:]]))
-                    f.write("\n")
+                    f.write(row + "\n")
+                written |= dict(zip(columns[1:], map(float, row.split("\t")[1:]), strict=True))
+        return written
 
     def publish(self, metrics_dir: Path) -> list[Path]:
         out = []
@@ -110,8 +114,8 @@ class Report:
         self.curves = Curves(self.folder, step)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        self.curves.append(step, values)
-        self.tracker.log_metrics(values, step)
+        """Live curves: MLflow gets each row as the curve file holds it (see projection)."""
+        self.tracker.log_metrics(self.curves.append(step, values), step)
 
     def samples(self, step: int, images: torch.Tensor) -> None:
         path = self.folder / "previews" / f"step_{step:07d}.png"
@@ -151,19 +155,21 @@ def train_stage(
             )  # fmt: skip
             if dist.is_main:
                 effective_batch = p.train.batch_size * dist.world_size
-                publish(trained, p, splits[0], models, metrics, effective_batch, report)
+                layout = Layout(data=data, models=models, metrics=metrics)
+                publish(trained, p, splits[0], layout, effective_batch, report)
 
 
 def publish(
     trained: Trained,
     p: Params,
     split: PreparedSplit,
-    models: Path,
-    metrics: Path,
+    layout: Layout,
     effective_batch: int,
     report: Report,
 ) -> None:
-    """models/ema.pt, metrics/train.json and the curves, on disk and in MLflow."""
+    """models/ema.pt, the preview grids, metrics/train.json and the curves; then the run's
+    record of them."""
+    models, metrics = layout.models, layout.metrics
     weights = models / "ema.pt"
     unet = trained.model.config
     payload = weights_payload(
@@ -171,13 +177,20 @@ def publish(
         split.manifest["class_names"],
     )  # fmt: skip
     save_checkpoint(payload, weights)
-    report.tracker.log_model(payload)
-    summary = _summary(trained.result, effective_batch, report.folder)
-    write_json(metrics / "train.json", summary)
-    report.tracker.log_metrics(train_metrics(summary))
-    report.tracker.log_artifact(weights, "weights")
-    for path in report.curves.publish(metrics):
-        report.tracker.log_artifact(path, "curves")
+    publish_previews(report.folder / "previews", models / "previews")
+    report.curves.publish(metrics)
+    write_json(metrics / "train.json", _summary(trained.result, effective_batch, report.folder))
+    project(report.tracker, train_record(layout))
+
+
+def publish_previews(source: Path, dest: Path) -> None:
+    """The checkpoint folder's preview grids as models/previews, replaced as a whole."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in sorted(source.glob("*.png")) if source.is_dir() else []:
+        shutil.copy2(path, tmp / path.name)
+    replace_dir(tmp, dest)
 
 
 def _summary(result: TrainResult, effective_batch: int, checkpoints: Path) -> dict:

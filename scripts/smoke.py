@@ -69,6 +69,7 @@ OVERRIDES = {
         # temporary copies (`dvc exp run --queue`), which hold only tracked files, have it too
         "feature_extractor_weights": "weights/inception-untrained.pth",
     },
+    "registry": {"enabled": True, "model_name": "ddpm-smoke"},  # track registers the model
     "frontier": {  # two samplers at two step counts
         "num_images": 64,
         "batch_size": 64,

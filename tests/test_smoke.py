@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from runs import run_contents
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -41,13 +42,17 @@ def smoke(tmp_path_factory) -> Path:
         [sys.executable, str(ROOT / "scripts" / "smoke.py"), "--dest", str(dest)],
         check=True, timeout=1200,
     )  # fmt: skip
+    # as every stage ran, before any test changes it; without the MLflow store
+    untracked = shutil.ignore_patterns("mlflow.db", "mlruns")
+    shutil.copytree(dest, dest.parent / "as-built", symlinks=True, ignore=untracked)
     return dest
 
 
-def mlflow_runs(project: Path):
+def mlflow_runs(project: Path, name_prefix: str = ""):
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ddpm")
-    return client, client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id])
+    return client, [r for r in runs if r.info.run_name.startswith(name_prefix)]
 
 
 def test_smoke_pipeline_writes_finite_metrics(smoke):
@@ -73,6 +78,30 @@ def test_smoke_pipeline_logs_one_mlflow_run_with_params_metrics_and_artifacts(sm
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"weights", "previews", "curves"} <= artifacts, artifacts
     assert run.data.tags["stage.train"] == run.data.tags["stage.evaluate"] == "done"
+
+
+def test_a_run_whose_stages_dvc_restored_holds_what_the_run_whose_stages_ran_holds(smoke):
+    """The smoke project as built, without dvc.lock and with a fresh MLflow store: DVC restores
+    every stage it can from its run cache, track projects their records, and the new run
+    holds what the first one does, key by key (params, metric histories, dataset inputs,
+    artifacts, the model, the registered version)."""
+    copy = smoke.parent / "as-built"
+    (copy / "dvc.lock").unlink()
+    done = dvc(copy, "repro")
+    for stage in ("prepare", "train", "evaluate", "frontier"):
+        assert f"Running stage '{stage}'" not in done.stdout, done.stdout
+    assert "Running stage 'track'" in done.stdout
+    (ran,), (restored,) = mlflow_runs(smoke, name_prefix="repro-")[1], mlflow_runs(copy)[1]
+    assert ran.info.run_name == restored.info.run_name
+    first = run_contents(mlflow_runs(smoke)[0], ran.info.run_id)
+    second = run_contents(mlflow_runs(copy)[0], restored.info.run_id)
+    # sample ran again (its folder is not DVC-cached, so not restorable): a new timing
+    for timing in ("sample/images_per_second", "sample/wall_time_s"):
+        assert first["metrics"].pop(timing) and second["metrics"].pop(timing)
+    for key in first:
+        assert second[key] == first[key], key
+    assert restored.data.tags["stage.train"] == "restored" == restored.data.tags["stage.frontier"]
+    assert first["registered"] and first["models"] and "train/ema_decay" in first["metrics"]
 
 
 def test_smoke_frontier_scores_two_samplers_at_two_step_counts(smoke):

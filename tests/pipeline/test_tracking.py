@@ -4,6 +4,13 @@ and the trained model is a registered pyfunc that generates images."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -12,6 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from runs import run_contents
 from stages import enter_project, prepare_split, project_params
 from typer.testing import CliRunner
 
@@ -40,6 +48,9 @@ def test_tracking_switched_off_opens_no_run_and_writes_no_store(tmp_path, monkey
     with Tracker({"seed": 0}, "train") as tracker:
         tracker.log_metrics({"loss": 1.0})
         assert tracker.run_id is None and not tracker.enabled
+        # nothing is logged, so nothing is there: no model, no registered version, no tags
+        assert tracker.logged_model("0" * 64) is None and not tracker.registered("m", "0" * 64)
+        assert tracker.tags() is None and tracker.log_series({"train/loss": [(1, 1.0)]}) == 0
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -63,62 +74,108 @@ PARAMS = project_params(
 )  # fmt: skip
 
 
+def run_stages(*stages: str) -> str:
+    for stage in stages:
+        result = CliRunner().invoke(app, [stage])
+        assert result.exit_code == 0, result.output
+    return result.output
+
+
 def test_the_trained_model_is_a_registered_pyfunc_that_generates_the_sample_stages_images(
     tmp_path, inception_weights, monkeypatch
 ):
     prepared = prepare_split(tmp_path / "prep", PARAMS)
     enter_project(tmp_path, prepared, PARAMS, monkeypatch, inception_weights)
-    for stage in ("train", "sample", "evaluate", "track"):
-        result = CliRunner().invoke(app, [stage])
-        assert result.exit_code == 0, result.output
-    assert "registered models:/tiny-ddpm/1" in result.output  # track registers
-    assert "logged 0 metric values the run lacked" in result.output  # every stage ran
+    output = run_stages("train", "sample", "evaluate", "track")
+    assert "registered models:/tiny-ddpm/1" in output  # track registers
+    assert "record of no stage (3 of 3 already in it)" in output  # every stage ran
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     version = MlflowClient(tracking_uri=uri).get_model_version("tiny-ddpm", "1")
     fid = json.loads(Path("metrics/eval.json").read_text())["fid"]
     assert float(version.tags["fid"]) == pytest.approx(fid)
     model = mlflow.pyfunc.load_model("models:/tiny-ddpm/1")
-    request = pd.DataFrame({"num_images": [3], "sampler": ["ddim"], "steps": [3], "seed": [0]})
-    images = model.predict(request)
-    assert images.dtype == np.uint8 and images.shape == (3, 16, 16, 3)
+    # Every row is answered, in order; what a row leaves out is the experiment's sample setting
+    images = model.predict(pd.DataFrame({"num_images": [2, 3]}))
+    assert images.dtype == np.uint8 and images.shape == (5, 16, 16, 3)
     written = np.stack([np.asarray(Image.open(f"samples/images/{i:06d}.png")) for i in range(3)])
-    assert np.abs(images.astype(int) - written.astype(int)).max() <= 1  # sample's images 0-2
+    assert np.array_equal(images[:2], written[:2]) and np.array_equal(images[2:], written)
+    other = model.predict(pd.DataFrame({"num_images": [2], "seed": [1], "sampler": ["ddpm"]}))
+    assert other.shape == (2, 16, 16, 3) and not np.array_equal(other, written[:2])
+    with pytest.raises(Exception, match="at least one image"):
+        model.predict(pd.DataFrame({"num_images": [0]}))
+    served = serve_and_post("models:/tiny-ddpm/1", uri, {"dataframe_records": [{"num_images": 2}]})
+    assert np.array_equal(np.asarray(served["predictions"], dtype=np.uint8), written[:2])
 
 
-def test_track_completes_a_run_whose_stages_dvc_restored_from_its_run_cache(
+def serve_and_post(model_uri: str, tracking_uri: str, request: dict) -> dict:
+    """``mlflow models serve`` on 127.0.0.1, one POST to /invocations, the server stopped."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = str(Path(sys.executable).parent)  # the venv's, where mlflow finds uvicorn
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    command = ["mlflow", "models", "serve", "-m", model_uri,
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    log = tempfile.TemporaryFile()  # noqa: SIM115  (not a pipe: a chatty server would fill it and stall)
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"the model server stopped:\n{log.read().decode()}")
+            try:
+                urllib.request.urlopen(f"{base}/ping", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the model server did not answer /ping"
+                time.sleep(1)
+        post = urllib.request.Request(
+            f"{base}/invocations", json.dumps(request).encode(),
+            {"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(post, timeout=120) as response:
+            return json.loads(response.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_a_run_whose_stages_dvc_restored_holds_what_a_run_whose_stages_ran_holds(
     tmp_path, inception_weights, monkeypatch
 ):
+    """Two experiments of the same params: in one every stage runs; in the other DVC restores
+    them, so only track runs, on the same files. The two runs hold the same, key by key."""
     points = [{"sampler": "ddim", "steps": 2}, {"sampler": "ddim", "steps": 3}]
     params = {**PARAMS, "frontier": {**PARAMS["frontier"], "num_images": 6, "batch_size": 6,
                                      "grid_images": 2, "points": points}}  # fmt: skip
     prepared = prepare_split(tmp_path / "prep", params)
     enter_project(tmp_path, prepared, params, monkeypatch, inception_weights)
     monkeypatch.setenv("DVC_EXP_NAME", "ran")
-    for stage in ("train", "sample", "evaluate", "frontier"):
-        result = CliRunner().invoke(app, [stage])
-        assert result.exit_code == 0, result.output
-    # A second experiment whose stages DVC restores: the same files, no stage runs but track.
+    output = run_stages("train", "sample", "evaluate", "frontier", "track")
+    assert "record of no stage (4 of 4 already in it)" in output, output
     monkeypatch.setenv("DVC_EXP_NAME", "restored")
-    result = CliRunner().invoke(app, ["track"])
-    assert result.exit_code == 0, result.output
-    assert "logged the model from models/ema.pt" in result.output
-    assert "registered models:/tiny-ddpm/1" in result.output
+    output = run_stages("track")
+    assert "record of train, sample, evaluate, frontier (0 of 4 already in it)" in output
+    assert "registered models:/tiny-ddpm/2" in output, output
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ddpm")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    ran, restored = runs["ran"], runs["restored"]
-    lacking = set(ran.data.metrics) - set(restored.data.metrics)
-    assert lacking <= {"train/ema_decay", "sample/images_per_second"}, lacking  # not on disk
-    for name in ("train/steps", "train/best_val_loss", "eval/fid", "eval/kid_mean"):
-        assert restored.data.metrics[name] == pytest.approx(ran.data.metrics[name], rel=1e-5)
-    history = [m.step for m in client.get_metric_history(restored.info.run_id, "train/loss")]
-    assert history == [m.step for m in client.get_metric_history(ran.info.run_id, "train/loss")]
-    frontier = client.get_metric_history(restored.info.run_id, "frontier/ddim/fid")
-    assert sorted(m.step for m in frontier) == [2, 3]  # NFE as the step, as frontier logs it
-    assert restored.info.status == "FINISHED" and restored.data.tags["stage.track"] == "done"
-    version = client.get_model_version("tiny-ddpm", "1")
-    assert version.run_id == restored.info.run_id and "fid" in version.tags
-    again = CliRunner().invoke(app, ["track"])
-    assert "logged 0 metric values the run lacked (none)" in again.output
-    assert "logged the model" not in again.output and "registered" not in again.output
+    ran, restored = (run_contents(client, runs[name].info.run_id) for name in ("ran", "restored"))
+    for key in ran:
+        assert restored[key] == ran[key], key
+    assert len(ran["metrics"]["train/loss"]) == 1 and "train/ema_decay" in ran["metrics"]
+    assert ran["metrics"]["frontier/ddim/fid"][0][0] == 2  # NFE as the step
+    assert {"weights/ema.pt", "samples/grid.png", "metrics/eval.json"} <= set(ran["artifacts"])
+    assert sorted(c for _, _, _, c in ran["inputs"]) == [("evaluation",), ("training",)]
+    assert len(ran["models"]) == 1 and len(ran["registered"]) == 1
+    tags = runs["restored"].data.tags
+    assert tags["stage.train"] == "restored" and tags["stage.track"] == "done"
+    assert runs["ran"].data.tags["stage.train"] == "done"
+    again = run_stages("track")  # nothing twice: no metric row, model or version
+    assert "record of no stage" in again and "registered" not in again
+    assert run_contents(client, runs["restored"].info.run_id) == restored

@@ -20,6 +20,8 @@ from typer.testing import CliRunner
 
 from ddpm.checkpoint import load_checkpoint
 from pipeline.cli import app
+from pipeline.projection import CURVES, curve_rows
+from pipeline.train import Curves
 
 runner = CliRunner()
 
@@ -267,3 +269,21 @@ def test_in_a_log_training_prints_plain_progress_lines_and_its_cost(project):
     assert progress[-1].startswith("train: 200/200 step (100%)") and "ETA" in progress[0]
     (cost,) = [line for line in text.splitlines() if line.startswith("cost: ")]
     assert "200 steps, 194 to go at" in cost and "s/step on cpu" in cost
+
+
+def test_a_resumed_curve_is_cut_at_the_resumed_step_and_an_older_file_gains_the_new_column(
+    tmp_path,
+):
+    """A checkpoint folder from before ema_decay was a column resumes: its rows keep their
+    values under the new header, the missing column reads nan, rows past the step go."""
+    (tmp_path / "train_curve.tsv").write_text(
+        "step\tloss\tlr\tgrad_norm\timages_per_second\n2\t0.5\t0.001\t1.5\t90\n4\t0.4\t0.001\t1\t95\n"
+    )
+    curves = Curves(tmp_path, resume_step=2)
+    rows = (tmp_path / "train_curve.tsv").read_text().splitlines()
+    assert rows == ["\t".join(CURVES["train_curve.tsv"]), "2\t0.5\t0.001\t1.5\t90\tnan"]
+    assert (tmp_path / "val_curve.tsv").read_text() == "step\tval_loss\n"
+    written = curves.append(6, {"loss": 0.123456789, "lr": 1e-3, "grad_norm": 2.0,
+                                "images_per_second": 100.0, "ema_decay": 0.999})  # fmt: skip
+    assert written["loss"] == 0.123457  # what MLflow gets is what the file holds
+    assert curve_rows(tmp_path / "train_curve.tsv")["train/loss"] == [(2, 0.5), (6, 0.123457)]
