@@ -247,15 +247,16 @@ def fidelity(
     return scores
 
 
-def plan(e: EvaluateParams, machine: Machine) -> list[Extraction]:
-    """The extractions the chosen metrics need, weights resolved (or refused) before any work."""
+def plan(e: EvaluateParams, machine: Machine, prc: bool | None = None) -> list[Extraction]:
+    """The extractions the chosen metrics need, weights resolved (or refused) before any work;
+    ``prc`` False leaves precision/recall out whatever ``e.prc`` says (the frontier)."""
     out = []
     if e.fid or e.isc or e.kid:
         weights = resolve_weights(
             INCEPTION, machine.inception_weights or e.feature_extractor_weights
         )
         out.append(Extraction(INCEPTION, weights, {"fid": e.fid, "isc": e.isc, "kid": e.kid}))
-    if e.prc:
+    if e.prc if prc is None else prc:
         weights = resolve_weights(VGG16, machine.vgg16_weights or e.prc_weights)
         out.append(Extraction(VGG16, weights, {"prc": True}))
     return out

@@ -216,4 +216,4 @@ def _inception(p: Params, machine: Machine, split: PreparedSplit, net: SamplingM
     if tuple(split.images.shape[1:3]) != (size, size):
         raise DataError(f"the model makes {size}x{size} images but the {e.reference_split} images "
                         f"are {split.images.shape[1]}x{split.images.shape[2]}")  # fmt: skip
-    return plan(e.model_copy(update={"prc": False}), machine)[0]
+    return plan(e, machine, prc=False)[0]

@@ -160,8 +160,12 @@ class FrontierPoint(Section):
         return self.sampler if self.spacing is None else f"{self.sampler}:{self.spacing}"
 
     def sampler_config(self, sample: SampleParams) -> SamplerConfig:
+        """This point's settings, the rest from ``sample`` (reading only those: sample.steps
+        is not the frontier's, which dvc.yaml's params and tests/pipeline/test_stage_params.py
+        hold to)."""
         named = self.model_dump(exclude_none=True)
-        return sample.sampler_config().model_copy(update=named)
+        inherited = sample.model_dump(include=set(SamplerConfig.model_fields) - set(named))
+        return SamplerConfig(**inherited, **named)
 
 
 class FrontierParams(Section):
