@@ -63,9 +63,9 @@ def test_smoke_pipeline_writes_finite_metrics(smoke):
     evaluation = json.loads((smoke / "metrics" / "eval.json").read_text())
     for key in ("fid", "isc_mean", "isc_std", "kid_mean", "kid_std"):
         assert math.isfinite(evaluation[key]), (key, evaluation)
-    assert evaluation["num_images"] == 200 and evaluation["sampler"] == "ddim"
+    assert evaluation["num_images"] == 100 and evaluation["sampler"] == "ddim"
     assert "NOT real" in json.dumps(evaluation)  # untrained Inception weights are labelled
-    assert len(list((smoke / "samples" / "images").glob("*.png"))) == 200
+    assert len(list((smoke / "samples" / "images").glob("*.png"))) == 100
 
 
 def test_smoke_pipeline_logs_one_mlflow_run_with_params_metrics_and_artifacts(smoke):
