@@ -27,6 +27,10 @@ def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_TRACKING_URI", None)
+    # one thread per stage, as scripts/smoke.py built the project: the same thread count
+    # makes the same float sums, so a stage that reruns writes the same files (a sample stage
+    # rerun writes the same images, and DVC restores evaluate); and two workers share 2 cores
+    env.update(DDPM_NUM_THREADS="1", OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True,
         text=True, timeout=1200,

@@ -29,7 +29,8 @@ def test_the_smoke_pipeline_stages_run_on_the_device(device, tmp_path, monkeypat
     import stage_run
 
     monkeypatch.setenv("DDPM_DEVICE", device.type)
-    settings = ["data.num_images=120", "train.steps=30", "train.val_every=15",
+    settings = ["data.num_images=120", "data.val_fraction=0.25", "train.steps=30",
+                "train.val_every=15",
                 "train.checkpoint_every=15",
                 "train.sample_every=30", f"train.bf16={device.type == 'cuda'}",
                 "sample.num_images=32", "sample.batch_size=32", "sample.steps=10",
