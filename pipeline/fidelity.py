@@ -15,7 +15,6 @@ URL into torch hub's cache, where torch-fidelity itself keeps it. Results from o
 
 from __future__ import annotations
 
-import hashlib
 import math
 import socket
 from pathlib import Path
@@ -34,6 +33,7 @@ from torchvision.models import VGG16_Weights
 
 from ddpm.data.errors import DataError
 from ddpm.errors import CheckpointError
+from ddpm.files import file_sha256
 from pipeline.runtime import pick_device
 from pipeline.settings import PRC_NEIGHBORHOOD, EvaluateParams, Machine
 
@@ -112,7 +112,7 @@ def resolve_weights(source: WeightsSource, configured: str | None) -> ResolvedWe
         path = Path(torch.hub.get_dir()) / "checkpoints" / source.filename
         if not path.is_file():
             _download(source, path)
-    digest = _sha256(path)
+    digest = file_sha256(path)
     return ResolvedWeights(path, digest.startswith(source.hash_prefix), digest)
 
 
@@ -134,14 +134,6 @@ def _download(source: WeightsSource, path: Path) -> None:
         ) from exc
     finally:
         socket.setdefaulttimeout(previous)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _UntrainedInception(FeatureExtractorInceptionV3):

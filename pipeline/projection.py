@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpm.config import SamplerConfig
+from ddpm.files import file_sha256
 
 if TYPE_CHECKING:
     from pipeline.tracking import Tracker
@@ -92,14 +93,6 @@ class Record:
         if self.model is not None:
             h.update(f"model:{self.model.sha256()}".encode())
         return h.hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -64,12 +64,9 @@ class Curves:
                 written |= dict(zip(columns[1:], map(float, row.split("\t")[1:]), strict=True))
         return written
 
-    def publish(self, metrics_dir: Path) -> list[Path]:
-        out = []
+    def publish(self, metrics_dir: Path) -> None:
         for name in CURVES:
-            out.append(metrics_dir / name)
-            atomic_write_bytes(out[-1], (self.folder / name).read_bytes())
-        return out
+            atomic_write_bytes(metrics_dir / name, (self.folder / name).read_bytes())
 
 
 # Knobs that may change while a run resumes: how long, and how often to report. Any other

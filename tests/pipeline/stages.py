@@ -57,3 +57,25 @@ def enter_project(
     if inception_weights is not None:
         monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(inception_weights))
     return root
+
+
+# A whole tiny project (40 images, T = 20, a few steps of everything, the registry on):
+# what the tracking and stage-params tests run every stage on.
+TINY_PROJECT = project_params(
+    {
+        "dataset": "synthetic",
+        "image_size": 16,
+        "data": {"num_images": 40, "val_fraction": 0.25},
+        "model": {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
+                  "attention_resolutions": [8], "num_groups": 8},
+        "diffusion": {"timesteps": 20},
+        "train": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "val_every": 4,
+                  "checkpoint_every": 4, "sample_every": 4, "sample_images": 2,
+                  "sample_steps": 2, "val_images": 4, "val_timesteps": 2},
+        "sample": {"steps": 3, "num_images": 6, "batch_size": 6, "grid_images": 4,
+                   "gif_images": 2, "gif_frames": 2, "interpolation": False},
+        "evaluate": {"reference_split": "val", "kid_subset_size": 4, "isc_splits": 2,
+                     "batch_size": 16},
+        "registry": {"enabled": True, "model_name": "tiny-ddpm"},
+    }
+)  # fmt: skip

@@ -16,7 +16,7 @@ from typing import Any
 import pydantic
 import pytest
 import yaml
-from stages import enter_project, prepare_split, project_params
+from stages import TINY_PROJECT, enter_project, merge, prepare_split
 from typer.testing import CliRunner
 
 import pipeline.download
@@ -35,26 +35,7 @@ MODULES = {"download": pipeline.download, "prepare": pipeline.prepare, "train": 
            "sample": pipeline.sample, "evaluate": pipeline.evaluate,
            "frontier": pipeline.frontier, "track": pipeline.track}  # fmt: skip
 
-PARAMS = project_params(
-    {
-        "dataset": "synthetic",
-        "image_size": 16,
-        "data": {"num_images": 40, "val_fraction": 0.25},
-        "model": {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
-                  "attention_resolutions": [8], "num_groups": 8},
-        "diffusion": {"timesteps": 20},
-        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "val_every": 2,
-                  "checkpoint_every": 2, "sample_every": 2, "sample_images": 2,
-                  "sample_steps": 2, "val_images": 4, "val_timesteps": 2},
-        "sample": {"steps": 2, "num_images": 6, "batch_size": 6, "grid_images": 4,
-                   "gif_images": 2, "gif_frames": 2, "interpolation": False},
-        "evaluate": {"reference_split": "val", "kid_subset_size": 4, "isc_splits": 2,
-                     "batch_size": 16},
-        "frontier": {"num_images": 6, "batch_size": 6, "grid_images": 2,
-                     "points": [{"sampler": "ddim", "steps": 2}]},
-        "registry": {"enabled": True, "model_name": "tiny-ddpm"},
-    }
-)  # fmt: skip
+PARAMS = merge(TINY_PROJECT, {"frontier": {"num_images": 6, "batch_size": 6, "grid_images": 2}})
 
 
 class Reads:

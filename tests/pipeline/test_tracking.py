@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from runs import run_contents
-from stages import enter_project, prepare_split, project_params
+from stages import TINY_PROJECT, enter_project, prepare_split
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -54,24 +54,7 @@ def test_tracking_switched_off_opens_no_run_and_writes_no_store(tmp_path, monkey
     assert not (tmp_path / "mlflow.db").exists()
 
 
-PARAMS = project_params(
-    {
-        "dataset": "synthetic",
-        "image_size": 16,
-        "data": {"num_images": 40, "val_fraction": 0.25},
-        "model": {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
-                  "attention_resolutions": [8], "num_groups": 8},
-        "diffusion": {"timesteps": 20},
-        "train": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "val_every": 4,
-                  "checkpoint_every": 4, "sample_every": 4, "sample_images": 2,
-                  "sample_steps": 2, "val_images": 4, "val_timesteps": 2},
-        "sample": {"steps": 3, "num_images": 6, "batch_size": 6, "grid_images": 4,
-                   "gif_images": 2, "gif_frames": 2, "interpolation": False},
-        "evaluate": {"reference_split": "val", "kid_subset_size": 4, "isc_splits": 2,
-                     "batch_size": 16},
-        "registry": {"enabled": True, "model_name": "tiny-ddpm"},
-    }
-)  # fmt: skip
+PARAMS = TINY_PROJECT
 
 
 def run_stages(*stages: str) -> str:
