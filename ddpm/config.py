@@ -207,3 +207,22 @@ class SamplerConfig(_Frozen):
     def label(self) -> str:
         """A short name for tables and logs, e.g. ``ddim-50``."""
         return f"{self.sampler}-{self.steps}"
+
+    def problems(self, num_timesteps: int, conditional: bool) -> list[str]:
+        """What a model with ``num_timesteps`` steps, ``conditional`` or not, cannot do with
+        these settings, one line each (the fields are named bare; callers prefix their
+        section). The one place these limits are written: params.yaml is checked with them
+        against its own diffusion, and the sample and frontier stages against the checkpoint.
+        """
+        problems = []
+        if self.steps > num_timesteps:
+            problems.append(
+                f"steps={self.steps} is more than T={num_timesteps}, the model's diffusion "
+                f"steps; choose steps <= {num_timesteps}"
+            )
+        if self.guidance_scale != 1.0 and not conditional:
+            problems.append(
+                f"guidance_scale={self.guidance_scale} needs a class-conditional model; this one "
+                "is unconditional: set it to 1.0"
+            )
+        return problems

@@ -14,8 +14,8 @@ import torch
 import typer
 
 from ddpm.data.errors import DataError
-from ddpm.data.prepared import load_prepared
-from pipeline.errors import stage_errors
+from ddpm.data.prepared import PreparedSplit, load_prepared
+from pipeline.errors import Problems, stage_errors
 from pipeline.fidelity import (
     Extraction,
     UInt8Images,
@@ -26,7 +26,7 @@ from pipeline.fidelity import (
 )
 from pipeline.outputs import write_json
 from pipeline.projection import Layout, evaluate_record, project
-from pipeline.settings import PRC_NEIGHBORHOOD, EvaluateParams, Machine, Params, load_params
+from pipeline.settings import EvaluateParams, Machine, Params, load_params
 from pipeline.tracking import Tracker
 
 
@@ -51,29 +51,28 @@ def read_samples(root: Path) -> Samples:
     return Samples(folder, count, manifest)
 
 
-def check_inputs(e: EvaluateParams, samples: Samples, reference: torch.Tensor) -> None:
-    """Everything torch-fidelity would fail on, or silently get wrong, before any work."""
-    n, m = samples.count, len(reference)
-    problems = []
-    if min(n, m) < 2:
-        problems.append(f"at least 2 images are needed on each side; got {n} samples, {m} real")
-    if e.kid and e.kid_subset_size > min(n, m):
-        problems.append(
-            f"evaluate.kid_subset_size={e.kid_subset_size} is more than the {n} samples or the "
-            f"{m} {e.reference_split} images; lower it"
-        )
-    if e.isc and e.isc_splits > n:
-        problems.append(f"evaluate.isc_splits={e.isc_splits} is more than the {n} samples")
-    if e.prc and min(n, m) <= PRC_NEIGHBORHOOD:
-        problems.append(f"evaluate.prc needs more than {PRC_NEIGHBORHOOD} images on each side")
-    size = samples.manifest["image_size"]
-    if tuple(reference.shape[1:3]) != (size, size):
-        problems.append(
-            f"the samples are {size}x{size} but the {e.reference_split} images are "
-            f"{reference.shape[1]}x{reference.shape[2]}; FID compares equal resolutions"
-        )
-    if problems:
-        raise DataError("cannot evaluate: " + "; ".join(problems))
+def check_inputs(
+    e: EvaluateParams, samples: Path, data: Path, machine: Machine
+) -> tuple[Samples, PreparedSplit, list[Extraction]]:
+    """Every input of the stage, and everything torch-fidelity would fail on or silently get
+    wrong, checked before any work, every problem reported: the samples, the reference split
+    and the feature extractors' weights."""
+    problems = Problems("evaluate")
+    found = problems.load(read_samples, samples)
+    split = problems.load(load_prepared, data, e.reference_split)
+    extractions = problems.load(plan, e, machine)
+    if found is not None and split is not None:
+        reference = split.images
+        n = found.count
+        problems.add(e.size_problems(n, f"the {n} samples", len(reference)), params=False)
+        size = found.manifest["image_size"]
+        if tuple(reference.shape[1:3]) != (size, size):
+            problems.add([
+                f"the samples are {size}x{size} but the {e.reference_split} images are "
+                f"{reference.shape[1]}x{reference.shape[2]}; FID compares equal resolutions"
+            ], params=False)  # fmt: skip
+    problems.check()
+    return found, split, extractions
 
 
 def evaluate_stage(params: Path, data: Path, samples: Path, metrics: Path) -> None:
@@ -93,10 +92,7 @@ def evaluate(p: Params, data: Path, samples: Path) -> dict[str, Any]:
     e, machine = p.evaluate, Machine()
     if machine.num_threads:
         torch.set_num_threads(machine.num_threads)
-    found = read_samples(samples)
-    split = load_prepared(data, e.reference_split)
-    check_inputs(e, found, split.images)
-    extractions = plan(e, machine)
+    found, split, extractions = check_inputs(e, samples, data, machine)
     sha = split.manifest["splits"][e.reference_split]["images_sha256"]
     results: dict[str, float] = {}
     for x in extractions:

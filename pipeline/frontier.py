@@ -30,7 +30,6 @@ import typer
 
 from ddpm.checkpoint import SamplingModel, load_sampling_model
 from ddpm.config import SamplerConfig
-from ddpm.data.errors import DataError
 from ddpm.data.prepared import PreparedSplit, load_prepared
 from ddpm.figures import frontier_figure, labelled_rows
 from ddpm.files import atomic_write_bytes, replace_dir
@@ -38,12 +37,12 @@ from ddpm.generation import generate, image_labels
 from ddpm.pixels import to_uint8
 from ddpm.progress import Progress
 from ddpm.samplers import sampling_timesteps
-from pipeline.errors import ParamsError, stage_errors
+from pipeline.errors import Problems, stage_errors
 from pipeline.fidelity import Extraction, UInt8Images, fidelity, label, plan, reference_cache_name
 from pipeline.outputs import save_png, write_json
 from pipeline.projection import Layout, frontier_record, project
 from pipeline.runtime import pick_device
-from pipeline.settings import FrontierParams, Machine, Params, load_params
+from pipeline.settings import FrontierParams, Machine, Params, load_params, prefixed
 from pipeline.tracking import Tracker
 
 COLUMNS = ["series", "steps", "nfe", "fid", "kid_mean", "isc_mean", "seconds"]
@@ -62,21 +61,19 @@ class Scored(NamedTuple):
     first: torch.Tensor  # uint8 (grid_images, H, W, 3)
 
 
-def plan_points(p: Params, net: SamplingModel) -> list[Point]:
-    """The frontier's points with their honest NFE; params the model cannot honour refused."""
+def plan_points(p: Params, net: SamplingModel) -> tuple[list[Point], list[str]]:
+    """The frontier's points with their honest NFE, and what the model cannot honour."""
     diffusion, conditional = net.diffusion, net.model.config.num_classes is not None
-    points = []
+    points, problems = [], []
     for i, entry in enumerate(p.frontier.points):
         config = entry.sampler_config(p.sample)
-        if config.steps > diffusion.num_timesteps:
-            raise ParamsError(f"frontier.points[{i}].steps={config.steps}: the model was trained "
-                              f"with T={diffusion.num_timesteps}")  # fmt: skip
-        guided = config.guidance_scale != 1.0
-        if guided and not conditional:
-            raise ParamsError(f"frontier.points[{i}]: guidance needs a class-conditional model")
-        visited = sampling_timesteps(diffusion, config.steps, config.spacing)
-        points.append(Point(entry.series, config, len(visited) * (2 if guided else 1)))
-    return points
+        wrong = config.problems(diffusion.num_timesteps, conditional)
+        problems += prefixed(f"frontier.points[{i}].", wrong)
+        if not wrong:
+            visited = sampling_timesteps(diffusion, config.steps, config.spacing)
+            nfe = len(visited) * (2 if config.guidance_scale != 1.0 else 1)
+            points.append(Point(entry.series, config, nfe))
+    return points, problems
 
 
 def render_point(
@@ -196,24 +193,32 @@ def frontier(p: Params, models: Path, data: Path) -> tuple[list[Scored], dict]:
     if machine.num_threads:
         torch.set_num_threads(machine.num_threads)
     device = pick_device(machine)
-    net = load_sampling_model(models / "ema.pt", p.sample.weights, device)
-    points = plan_points(p, net)
-    split = load_prepared(data, p.evaluate.reference_split)
-    extraction, n = _inception(p, machine, split, net), p.frontier.num_images
+    net, points, split, extraction = check_inputs(p, models, data, machine, device)
+    n = p.frontier.num_images
     scored = score_points(net, points, p, split, extraction, device)
     return scored, summary(scored, n, label([extraction], n), p.evaluate.reference_split)
 
 
-def _inception(p: Params, machine: Machine, split: PreparedSplit, net: SamplingModel) -> Extraction:
-    """The Inception extraction for FID, KID and IS; the inputs checked before any sampling."""
-    e = p.evaluate
-    if not (e.fid or e.kid or e.isc):
-        raise ParamsError("the frontier scores FID, KID or IS: turn on evaluate.fid, kid or isc")
-    if e.kid and e.kid_subset_size > len(split.images):
-        raise DataError(f"evaluate.kid_subset_size={e.kid_subset_size} is more than the "
-                        f"{len(split.images)} {e.reference_split} images; lower it")  # fmt: skip
-    size = net.model.config.image_size
-    if tuple(split.images.shape[1:3]) != (size, size):
-        raise DataError(f"the model makes {size}x{size} images but the {e.reference_split} images "
-                        f"are {split.images.shape[1]}x{split.images.shape[2]}")  # fmt: skip
-    return plan(e, machine, prc=False)[0]
+def check_inputs(
+    p: Params, models: Path, data: Path, machine: Machine, device: torch.device
+) -> tuple[SamplingModel, list[Point], PreparedSplit, Extraction]:
+    """Every input of the stage, checked before any sampling, every problem reported: the
+    weights and the points against them, the reference split and the Inception weights."""
+    e, problems = p.evaluate, Problems("frontier")
+    net = problems.load(load_sampling_model, models / "ema.pt", p.sample.weights, device)
+    split = problems.load(load_prepared, data, e.reference_split)
+    extractions = problems.load(plan, e, machine, prc=False)
+    points = []
+    if net is not None:
+        points, wrong = plan_points(p, net)
+        problems.add(wrong)
+    if split is not None:
+        n, m = p.frontier.num_images, len(split.images)
+        problems.add(e.size_problems(n, f"frontier.num_images={n}", m, prc=False), params=False)
+    if net is not None and split is not None:
+        size, shape = net.model.config.image_size, tuple(split.images.shape[1:3])
+        if shape != (size, size):
+            problems.add([f"the model makes {size}x{size} images but the {e.reference_split} "
+                          f"images are {shape[0]}x{shape[1]}"], params=False)  # fmt: skip
+    problems.check()
+    return net, points, split, extractions[0]

@@ -43,12 +43,12 @@ from ddpm.generation import generate, image_generators, image_labels, slerp
 from ddpm.pixels import grid, to_float, to_uint8
 from ddpm.progress import Progress
 from ddpm.samplers import sampling_timesteps
-from pipeline.errors import ParamsError, stage_errors
+from pipeline.errors import Problems, stage_errors
 from pipeline.model import log_image_model
 from pipeline.outputs import save_png, write_json
 from pipeline.projection import Layout, project, sample_record
 from pipeline.runtime import distributed
-from pipeline.settings import Machine, SampleParams, load_params
+from pipeline.settings import Machine, SampleParams, load_params, prefixed
 from pipeline.tracking import Tracker
 
 FORWARD_FRACTIONS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # of T - 1, in the forward figure
@@ -65,9 +65,7 @@ def sample_stage(params: Path, models: Path, data: Path, out: Path, metrics: Pat
             distributed(Machine()) as (dist, device),
             Tracker(p.model_dump(mode="json"), "sample", enabled=dist.is_main) as tracker,
         ):
-            net = load_sampling_model(path, s.weights, device)
-            check_against_model(s, net)
-            real = load_prepared(data, "train").images[:FORWARD_IMAGES] if dist.is_main else None
+            net, real = check_inputs(s, path, data, device, dist.is_main)
             tmp = out.with_name(f".{out.name}.tmp")
             try:
                 start = time.perf_counter()
@@ -129,20 +127,30 @@ def blame(exc: NonFiniteSamplesError, net: SamplingModel, s: SampleParams) -> Ru
     )
 
 
-def check_against_model(s: SampleParams, net: SamplingModel) -> None:
-    """The sample params that need the checkpoint to check: steps, classes, guidance."""
-    cfg, timesteps = net.model.config, net.diffusion.num_timesteps
-    if s.steps > timesteps:
-        raise ParamsError(f"sample.steps={s.steps}: the model was trained with T={timesteps}")
-    if cfg.num_classes is None and s.guidance_scale != 1.0:
-        raise ParamsError(
-            f"sample.guidance_scale={s.guidance_scale} needs a class-conditional model; this "
-            "one is unconditional: set it to 1.0"
-        )
+def check_inputs(
+    s: SampleParams, weights: Path, data: Path, device: torch.device, main: bool
+) -> tuple[SamplingModel, torch.Tensor | None]:
+    """Every input of the stage, checked before any work, every problem reported: the
+    weights, the sample settings against them, and (rank 0) the training images of the
+    forward-process figure."""
+    problems = Problems("sample")
+    net = problems.load(load_sampling_model, weights, s.weights, device)
+    split = problems.load(load_prepared, data, "train") if main else None
+    if net is not None:
+        problems.add(sampler_problems(s, net))
+    problems.check()
+    return net, None if split is None else split.images[:FORWARD_IMAGES]
+
+
+def sampler_problems(s: SampleParams, net: SamplingModel) -> list[str]:
+    """The sample settings the checkpoint must allow: steps, guidance and classes."""
+    num_classes = net.model.config.num_classes
+    problems = prefixed("sample.", s.problems(net.diffusion.num_timesteps, num_classes is not None))
     try:
-        image_labels([0], cfg.num_classes, s.classes)
+        image_labels([0], num_classes, s.classes)
     except ValueError as exc:
-        raise ParamsError(f"sample.classes: {exc}") from exc
+        problems.append(f"sample.classes: {exc}")
+    return problems
 
 
 def my_batches(s: SampleParams, dist: Distributed) -> list[range]:

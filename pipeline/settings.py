@@ -12,27 +12,26 @@ This module imports no torch: ``--help`` and a params typo answer at once.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from copy import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ddpm.config import (
-    AttentionType,
     DiffusionConfig,
-    DownsamplePadding,
     EMAConfig,
-    LossType,
-    Prediction,
     SamplerConfig,
     SamplerName,
     ScheduleName,
     Spacing,
     TrainConfig,
     UNetConfig,
-    Variance,
 )
 from ddpm.data.sources import NATIVE_SIZES
 from pipeline.errors import ParamsError
@@ -65,33 +64,47 @@ class DataParams(Section):
     )
 
 
-class ModelParams(Section):
-    """The UNet (:class:`ddpm.config.UNetConfig`); ``image_size`` is top-level and the classes
-    come from the prepared data."""
+def section(
+    name: str,
+    library: type[BaseModel],
+    doc: str,
+    *,
+    leave_out: Collection[str] = (),
+    optional: Collection[str] = (),
+    base: type[BaseModel] = Section,
+    **extra: Any,
+) -> Any:
+    """A params.yaml section validated by the library's own fields: the types, bounds and
+    descriptions written once, in :mod:`ddpm.config`. ``leave_out`` drops the fields the
+    pipeline sets elsewhere; ``optional`` ones may be null (``None``: inherited from another
+    section), and the others are required: params.yaml states every value, so no library
+    default can silently disagree with it. ``extra`` adds the pipeline's own fields, as
+    ``name=(annotation, Field(...))``."""
+    fields: dict[str, Any] = {}
+    for key, info in library.model_fields.items():
+        if key in optional:
+            fields[key] = (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
+        elif key not in leave_out:
+            fields[key] = (info.annotation, copy(info))
+            fields[key][1].default = PydanticUndefined
+    return create_model(name, __base__=base, __doc__=doc, __module__=__name__, **fields, **extra)
 
-    base_channels: int = Field(ge=1, description="Channels of the first level.")
-    channel_mults: list[int] = Field(min_length=1, description="Per level.")
-    num_res_blocks: int = Field(ge=1, description="Residual blocks per level.")
-    attention_resolutions: list[int] = Field(description="Feature-map sizes with attention.")
-    attention_type: AttentionType
-    num_heads: int = Field(ge=1)
-    dropout: float = Field(ge=0.0, lt=1.0)
-    num_groups: int = Field(ge=1)
-    norm_eps: float = Field(gt=0.0, description="GroupNorm epsilon (the paper: 1e-6).")
-    downsample_padding: DownsamplePadding = Field(
-        description="asymmetric (the paper) or symmetric."
-    )
-    time_freq_shift: float = Field(ge=0.0, description="Timestep embedding shift (the paper: 1).")
-    conditional: bool = Field(description="Class-conditional (labels from the data set).")
 
-
-class DiffusionParams(Section):
-    """The forward process and objective; ``schedule`` is top-level."""
-
-    timesteps: int = Field(ge=2)
-    prediction: Prediction
-    loss: LossType
-    min_snr_gamma: float | None = Field(gt=0.0)
+ModelParams = section(
+    "ModelParams",
+    UNetConfig,
+    "Section ``model``: the UNet (:class:`ddpm.config.UNetConfig`); ``image_size`` is top-level "
+    "and the classes come from the prepared data.",
+    leave_out={"image_size", "in_channels", "num_classes"},
+    conditional=(bool, Field(description="Class-conditional (labels from the data set).")),
+)
+DiffusionParams = section(
+    "DiffusionParams",
+    DiffusionConfig,
+    "Section ``diffusion``: the forward process and objective "
+    "(:class:`ddpm.config.DiffusionConfig`); ``schedule`` is top-level.",
+    leave_out={"schedule"},
+)
 
 
 class SampleParams(SamplerConfig):
@@ -141,18 +154,36 @@ class EvaluateParams(Section):
         description="Local VGG16 weights for prc; empty: download (env DDPM_VGG16_WEIGHTS)."
     )
 
+    def size_problems(
+        self, samples: int, what: str, reference: int | None = None, prc: bool = True
+    ) -> list[str]:
+        """What the metrics cannot compute from ``samples`` images (``what`` names them, with
+        their number) and, when known, ``reference`` real ones: the one place these limits
+        are written (params.yaml is checked with them, evaluate and frontier again with the
+        images they find)."""
+        n = samples if reference is None else min(samples, reference)
+        against = what if reference is None else f"{what} or the {reference} reference images"
+        problems = []
+        if n < 2:
+            problems.append(f"{against}: the metrics need at least 2 images on each side")
+        if self.kid and self.kid_subset_size > n:
+            problems.append(
+                f"evaluate.kid_subset_size={self.kid_subset_size} is more than {against}; KID "
+                "draws subsets of that size: lower it"
+            )
+        if self.isc and self.isc_splits > samples:
+            problems.append(f"evaluate.isc_splits={self.isc_splits} is more than {what}")
+        if prc and self.prc and n <= PRC_NEIGHBORHOOD:
+            problems.append(f"evaluate.prc needs more than {PRC_NEIGHBORHOOD} images; {against}")
+        return problems
 
-class FrontierPoint(Section):
-    """One point of the frontier: a sampler and its steps; the keys it leaves out (null) come
-    from the ``sample`` section, so the frontier varies exactly what its points name."""
+
+class _Point(Section):
+    """What a frontier point does with its fields (:data:`FrontierPoint`)."""
 
     sampler: SamplerName
-    steps: int = Field(ge=1, description="Sampling steps, at most diffusion.timesteps.")
-    spacing: Spacing | None = None
-    eta: float | None = Field(None, ge=0.0, le=1.0)
-    variance: Variance | None = None
-    clip_x0: bool | None = None
-    guidance_scale: float | None = Field(None, ge=0.0)
+    steps: int
+    spacing: Spacing | None
 
     @property
     def series(self) -> str:
@@ -166,6 +197,17 @@ class FrontierPoint(Section):
         named = self.model_dump(exclude_none=True)
         inherited = sample.model_dump(include=set(SamplerConfig.model_fields) - set(named))
         return SamplerConfig(**inherited, **named)
+
+
+FrontierPoint = section(
+    "FrontierPoint",
+    SamplerConfig,
+    "One point of the frontier: a sampler and its steps (:class:`ddpm.config.SamplerConfig`); "
+    "the keys it leaves out (null) come from the ``sample`` section, so the frontier varies "
+    "exactly what its points name.",
+    optional=set(SamplerConfig.model_fields) - {"sampler", "steps"},
+    base=_Point,
+)
 
 
 class FrontierParams(Section):
@@ -262,48 +304,35 @@ class Params(Section):
         return problems
 
     def _sampling_problems(self) -> list[str]:
-        s, e, n, T = self.sample, self.evaluate, self.sample.num_images, self.diffusion.timesteps
-        problems = []
-        if s.steps > T:
-            problems.append(
-                f"sample.steps={s.steps} is more than diffusion.timesteps={T}; choose "
-                f"sample.steps <= {T}"
-            )
+        s, e, T = self.sample, self.evaluate, self.diffusion.timesteps
+        problems = prefixed("sample.", s.problems(T, self.model.conditional))
         if s.classes is not None and (not s.classes or min(s.classes) < 0):
             problems.append(f"sample.classes must be null or class indices >= 0; got {s.classes}")
         if not (e.fid or e.isc or e.kid or e.prc):
             problems.append("every evaluate metric is off; turn on fid, isc, kid or prc")
-        if n < 2:
-            problems.append(f"sample.num_images={n}: evaluation needs at least 2 images")
-        if e.kid and e.kid_subset_size > n:
-            problems.append(
-                f"evaluate.kid_subset_size={e.kid_subset_size} is more than sample.num_images="
-                f"{n}; KID draws subsets of that size from the samples: lower it"
-            )
-        if e.isc and e.isc_splits > n:
-            problems.append(f"evaluate.isc_splits={e.isc_splits} > sample.num_images={n}")
-        if e.prc and n <= PRC_NEIGHBORHOOD:
-            problems.append(f"evaluate.prc needs more than {PRC_NEIGHBORHOOD} images; got {n}")
+        problems += e.size_problems(s.num_images, f"sample.num_images={s.num_images}")
         return problems + self._frontier_problems()
 
     def _frontier_problems(self) -> list[str]:
-        f, e, T = self.frontier, self.evaluate, self.diffusion.timesteps
-        problems = [
-            f"frontier.points[{i}].steps={p.steps} is more than diffusion.timesteps={T}"
-            for i, p in enumerate(f.points)
-            if p.steps > T
-        ]
+        f, T, conditional = self.frontier, self.diffusion.timesteps, self.model.conditional
+        problems = []
+        for i, point in enumerate(f.points):
+            config = point.sampler_config(self.sample)
+            problems += prefixed(f"frontier.points[{i}].", config.problems(T, conditional))
         keys = [(p.series, p.steps) for p in f.points]
         if len(set(keys)) < len(keys):
             problems.append(f"frontier.points repeat a sampler and steps: {keys}")
-        if e.kid and e.kid_subset_size > f.num_images:
-            problems.append(
-                f"evaluate.kid_subset_size={e.kid_subset_size} is more than frontier.num_images="
-                f"{f.num_images}; lower one or raise the other"
-            )
-        if e.isc and e.isc_splits > f.num_images:
-            problems.append(f"evaluate.isc_splits={e.isc_splits} > frontier.num_images")
-        return problems
+        e = self.evaluate
+        if not (e.fid or e.kid or e.isc):
+            problems.append("the frontier scores FID, KID or IS: turn on evaluate.fid, kid or isc")
+        return problems + e.size_problems(
+            f.num_images, f"frontier.num_images={f.num_images}", prc=False
+        )
+
+
+def prefixed(prefix: str, problems: list[str]) -> list[str]:
+    """Problems of a library config, named by their place in params.yaml."""
+    return [prefix + problem for problem in problems]
 
 
 class Machine(BaseSettings):

@@ -23,7 +23,7 @@ from ddpm.data.prepared import PreparedSplit, load_prepared
 from ddpm.files import atomic_write_bytes, replace_dir
 from ddpm.pixels import grid
 from ddpm.train import Dataset, Hooks, Trained, TrainResult, train
-from pipeline.errors import stage_errors
+from pipeline.errors import Problems, stage_errors
 from pipeline.outputs import save_png, write_json
 from pipeline.projection import CURVES, Layout, format_curve_row, project, train_record
 from pipeline.runtime import distributed
@@ -131,7 +131,7 @@ def train_stage(
             distributed(Machine()) as (dist, device),
             Tracker(p.model_dump(mode="json"), "train", enabled=dist.is_main) as tracker,
         ):
-            splits = load_prepared(data, "train", mmap=True), load_prepared(data, "val", mmap=True)
+            splits = check_inputs(p, data)
             num_classes = splits[0].manifest["num_classes"] if p.model.conditional else None
             unet_config = p.unet_config(num_classes)
             sha = splits[0].manifest["splits"]["train"]["images_sha256"]
@@ -154,6 +154,26 @@ def train_stage(
                 effective_batch = p.train.batch_size * dist.world_size
                 layout = Layout(data=data, models=models, metrics=metrics)
                 publish(trained, p, splits[0], layout, effective_batch, report)
+
+
+def check_inputs(p: Params, data: Path) -> tuple[PreparedSplit, PreparedSplit]:
+    """The prepared train and val splits against the settings, checked before any work, every
+    problem reported (a checkpoint to resume is checked by the loop, against the configs)."""
+    problems = Problems("train")
+    splits = [problems.load(load_prepared, data, name, mmap=True) for name in ("train", "val")]
+    for name, split in zip(("train", "val"), splits, strict=True):
+        if split is None:
+            continue
+        shape, size = tuple(split.images.shape[1:3]), p.image_size
+        if shape != (size, size):
+            problems.add([f"the prepared {name} images are {shape[0]}x{shape[1]}, not image_size="
+                          f"{size}: prepare the data again (dvc repro prepares it first)"],
+                         params=False)  # fmt: skip
+        if p.model.conditional and not split.manifest["num_classes"]:
+            problems.add([f"model.conditional is true but the prepared {name} split has no "
+                          "labels: set it to false or use a labelled dataset"])  # fmt: skip
+    problems.check()
+    return splits[0], splits[1]
 
 
 def publish(

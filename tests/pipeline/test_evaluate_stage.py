@@ -136,7 +136,7 @@ def test_missing_weights_on_an_offline_machine_name_both_ways(project, monkeypat
     ("evaluate_params", "samples", "message", "code"),
     [
         ({"reference_split": "val"}, 12, "kid_subset_size=8 is more than the 12 samples or the", 1),
-        ({}, 1, "at least 2 images are needed on each side; got 1 samples", 1),
+        ({}, 1, "images: the metrics need at least 2 images on each side", 1),
         ({}, 0, "holds no samples (no manifest.json); run `pipeline sample`", 1),
         ({"kid_subset_size": 30}, 12, "evaluate.kid_subset_size=30 is more than sample.num_im", 2),
         ({"fid": False, "isc": False, "kid": False}, 12, "every evaluate metric is off", 2),
@@ -153,6 +153,32 @@ def test_bad_inputs_are_refused_before_any_work(project, evaluate_params, sample
     assert result.exit_code == code, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (project / "data" / "fidelity_cache").exists()
+
+
+def test_every_problem_with_the_inputs_is_reported_at_once(project, monkeypatch):
+    """One sample and no Inception weights file: the stage lists each problem on a line of
+    its own before any work, rather than stopping at the first."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["evaluate"]["feature_extractor_weights"] = "no/such/inception.pth"
+    monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    write_samples(project / "samples", load_prepared(Path("data/prepared")).images[:1])
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 1, result.output
+    listed = result.output.split("the evaluate stage cannot start, 4 problems:\n")[1]
+    lines = listed.splitlines()
+    assert len(lines) == 4 and all(line.startswith("  - ") for line in lines), listed
+    for words, line in zip(WORDS, lines, strict=True):
+        assert words in line, (words, line)
+    assert not (project / "data" / "fidelity_cache").exists()
+
+
+WORDS = [
+    "no/such/inception.pth",
+    "1 samples or the 12 reference images: the metrics need at least 2 images on each side",
+    "evaluate.kid_subset_size=8 is more than the 1 samples",
+    "evaluate.isc_splits=2 is more than the 1 samples",
+]
 
 
 def test_precision_recall_runs_vgg16_with_its_own_weights_and_cache_name(project, monkeypatch):

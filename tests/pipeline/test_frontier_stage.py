@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def test_image_i_starts_from_the_noise_sample_gives_it_at_every_point(project):
     assert runner.invoke(app, ["sample"]).exit_code == 0
     p = load_params(Path("params.yaml"))
     net = load_sampling_model(Path("models/ema.pt"))
-    points = {(pt.series, pt.config.steps): pt for pt in plan_points(p, net)}
+    points = {(pt.series, pt.config.steps): pt for pt in plan_points(p, net)[0]}
     with Progress(None, "test", enabled=False) as bar:
         point, device = points[("ddim", 4)], torch.device("cpu")
         images, _ = render_point(net, point, p.frontier, p.seed, p.sample.classes, device, bar)
@@ -128,3 +129,16 @@ def test_bad_points_are_refused_before_any_work(project, points, words):
     result = runner.invoke(app, ["frontier"])
     assert result.exit_code == 2, result.output
     assert words in " ".join(result.output.split()) and not (project / "frontier").exists()
+
+
+def test_every_problem_with_the_inputs_is_reported_at_once(project):
+    """No weights and no prepared data: both named, one line each, before any work."""
+    (project / "models" / "ema.pt").unlink()
+    shutil.rmtree(project / "data" / "prepared")
+    result = runner.invoke(app, ["frontier"])
+    assert result.exit_code == 1, result.output
+    listed = result.output.split("the frontier stage cannot start, 2 problems:\n")[1]
+    weights, data = listed.splitlines()
+    assert weights.startswith("  - ") and "models/ema.pt" in weights, listed
+    assert data.startswith("  - ") and "data/prepared" in data, listed
+    assert not (project / "frontier").exists() and not (project / "metrics").exists()

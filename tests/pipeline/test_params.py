@@ -23,7 +23,7 @@ from ddpm.config import (
 from ddpm.samplers import SAMPLERS, SPACINGS
 from ddpm.schedules import SCHEDULES
 from pipeline.cli import app
-from pipeline.settings import Params, ParamsError, load_params
+from pipeline.settings import FrontierPoint, Params, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,6 +116,44 @@ def test_a_missing_key_is_refused_naming_it(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError, match=r"missing keys \['train.steps', 'sample.eta'\]"):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("section", "library"),
+    [
+        (Params.model_fields["model"].annotation, UNetConfig),
+        (Params.model_fields["diffusion"].annotation, DiffusionConfig),
+        (Params.model_fields["train"].annotation, TrainConfig),
+        (Params.model_fields["ema"].annotation, EMAConfig),
+        (Params.model_fields["sample"].annotation, SamplerConfig),
+        (FrontierPoint, SamplerConfig),
+    ],
+)
+def test_each_section_is_checked_by_the_library_fields_themselves(section, library):
+    """Every setting's type, bounds and description are written once, where ddpm.config
+    declares it: a params section restating them could drift (ModelParams once allowed what
+    UNetConfig refused)."""
+    for name, field in section.model_fields.items():
+        if name in library.model_fields:
+            mine = library.model_fields[name]
+            assert field.metadata == mine.metadata, name
+            assert field.description == mine.description, name
+            assert field.annotation in (mine.annotation, mine.annotation | None), name
+
+
+def test_every_problem_of_a_params_file_is_listed_at_once(tmp_path):
+    """Steps beyond T for sample and a frontier point, and guidance without classes: one
+    line each, named by their place in params.yaml, in one error."""
+    points = [{"sampler": "ddim", "steps": 2000}, {"sampler": "ddim", "steps": 10}]
+    path = write(tmp_path, sample__steps=1500, sample__guidance_scale=2.0, frontier__points=points)
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "sample.steps=1500 is more than T=1000, the model's diffusion steps" in message
+    assert "sample.guidance_scale=2.0 needs a class-conditional model" in message
+    assert "frontier.points[0].steps=2000 is more than T=1000" in message
+    # the point inherits the sample's guidance, so it is named too
+    assert "frontier.points[1].guidance_scale=2.0 needs a class-conditional model" in message
 
 
 def test_the_library_defaults_are_the_params_yaml_values():

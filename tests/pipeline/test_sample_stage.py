@@ -167,6 +167,9 @@ def test_two_processes_write_the_images_one_process_writes(project):
 def test_a_conditional_model_samples_the_chosen_classes(project, tiny_checkpoint):
     tiny_checkpoint(project / "models" / "ema.pt", num_classes=3)
     set_params(project, classes=[2, 0], guidance_scale=2.0)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["conditional"] = True  # as the project that trained it says
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     sample()
     manifest = json.loads((project / "samples" / "manifest.json").read_text())
     assert manifest["labels"] == [2, 0, 2, 0, 2, 0, 2]
@@ -180,7 +183,7 @@ def test_a_conditional_model_samples_the_chosen_classes(project, tiny_checkpoint
         ({"weights": "raw"}, "models/ema.pt holds no raw weights", 1),
         ({"classes": [1]}, "sample.classes: classes [1] were given, but the model is uncond", 2),
         ({"guidance_scale": 3.0}, "needs a class-conditional model", 2),
-        ({"steps": 21}, "sample.steps=21 is more than diffusion.timesteps=20", 2),
+        ({"steps": 21}, "sample.steps=21 is more than T=20", 2),
         ({"sampler": "euler"}, "sample.sampler", 2),
         ({"nan": True}, "produced NaN or inf values for images [0, 1]", 1),
         ({"eta": 1.3}, "sample.eta", 2),
@@ -216,3 +219,16 @@ def test_non_finite_samples_from_finite_weights_blame_the_sampler_settings(proje
     assert result.exit_code == 1, result.output
     assert "the ema weights are finite, so the sampler settings diverge (sampler=" in text, text
     assert "eta=" in text and "Traceback" not in result.output
+
+
+def test_every_problem_with_the_inputs_is_reported_at_once(project):
+    """No prepared data, and classes for an unconditional model: both named, one line each."""
+    shutil.rmtree(project / "data" / "prepared")
+    set_params(project, classes=[1])
+    result = runner.invoke(app, ["sample"])
+    assert result.exit_code == 1, result.output
+    listed = result.output.split("the sample stage cannot start, 2 problems:\n")[1]
+    data, classes = listed.splitlines()
+    assert data.startswith("  - ") and "data/prepared" in data, listed
+    assert classes == "  - sample.classes: classes [1] were given, but the model is unconditional"
+    assert not (project / "samples").exists()

@@ -287,3 +287,20 @@ def test_a_resumed_curve_is_cut_at_the_resumed_step_and_an_older_file_gains_the_
                                 "images_per_second": 100.0, "ema_decay": 0.999})  # fmt: skip
     assert written["loss"] == 0.123457  # what MLflow gets is what the file holds
     assert curve_rows(tmp_path / "train_curve.tsv")["train/loss"] == [(2, 0.5), (6, 0.123457)]
+
+
+def test_every_problem_with_the_inputs_is_reported_at_once(project):
+    """Data prepared at 16 px, params asking for 8 px: each split's problem on a line of its
+    own, before any work."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["image_size"] = 8
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1, result.output
+    listed = result.output.split("the train stage cannot start, 2 problems:\n")[1].splitlines()
+    assert listed == [
+        f"  - the prepared {split} images are 16x16, not image_size=8: prepare the data again "
+        "(dvc repro prepares it first)"
+        for split in ("train", "val")
+    ]
+    assert not (project / "models").exists()
