@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -256,7 +256,7 @@ def _validation_set(val_data: Dataset, n: int, device: torch.device) -> Dataset:
     )
 
 
-def _step(
+def optimizer_step(
     state: _State,
     net: nn.Module,
     diffusion: GaussianDiffusion,
@@ -287,16 +287,9 @@ def _step(
     return loss.detach(), grad_norm
 
 
-def _window_metrics(
-    window: list[torch.Tensor],
-    step: int,
-    last: Path,
-    state: _State,
-    grad_norm: torch.Tensor,
-    images_per_second: float,
-) -> dict[str, float]:
-    """The metrics of the steps since the last report; an error if any of their losses is not
-    finite (one device sync per window, not per step)."""
+def checked_losses(window: list[torch.Tensor], step: int, last: Path) -> torch.Tensor:
+    """The losses of the steps since the last report, on the CPU (one device sync per report,
+    not per step); an error naming the first bad step if any of them is not finite."""
     losses = torch.stack(window).float().cpu()
     if not bool(torch.isfinite(losses).all()):
         bad = step - len(window) + 1 + int((~torch.isfinite(losses)).nonzero()[0])
@@ -304,18 +297,28 @@ def _window_metrics(
             f"non-finite loss at step {bad}; the last good checkpoint is {last}. "
             "Lower the learning rate, enable grad_clip, or check the data."
         )
-    return {
-        "loss": float(losses.mean()),
-        "lr": state.scheduler.get_last_lr()[0],
-        "grad_norm": float(grad_norm),
-        "images_per_second": images_per_second,
-        "ema_decay": state.ema.current_decay,
-    }
+    return losses
+
+
+@contextmanager
+def determinism_named(device: torch.device) -> Iterator[None]:
+    """A kernel without a deterministic version, under ``train.deterministic``, as the setting
+    to change rather than torch's message."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "does not have a deterministic implementation" not in str(exc):
+            raise
+        raise DeterminismError(
+            f"train.deterministic: {str(exc).split(',')[0]} on {device.type}; set "
+            "train.deterministic: false for this device"
+        ) from exc
 
 
 class _Loop:
-    """The state of one training run and the phases of its loop (after improved-diffusion's
-    ``TrainLoop``): set-up and resume in ``__init__``, then :meth:`run`."""
+    """One training run (after improved-diffusion's ``TrainLoop``): set-up in ``__init__``,
+    :meth:`resume`, then :meth:`run`, which reads top to bottom; each helper is named after
+    what it does."""
 
     def __init__(
         self,
@@ -354,6 +357,7 @@ class _Loop:
         bf16 = self.config.bf16 and device.type == "cuda"
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
         self.step, self.best, self.window = 0, _Best(math.inf, self.config), []
+        self.grad_norm = torch.tensor(math.nan)  # of the last step
 
     def resume(self, source: Path | None, why_not: str) -> None:
         """Continue from ``source``, loudly, or say why this is a fresh start."""
@@ -367,68 +371,63 @@ class _Loop:
         self.say(f"resumed from {source} at step {self.step}")
 
     def run(self, log_every: int, progress: bool) -> Trained:
-        self.feed.start(self.step, self._draw)
-        try:
-            return self._run(log_every, progress)
-        except RuntimeError as exc:
-            if "does not have a deterministic implementation" not in str(exc):
-                raise
-            raise DeterminismError(
-                f"train.deterministic: {str(exc).split(',')[0]} on {self.device.type}; set "
-                "train.deterministic: false for this device"
-            ) from exc
-        finally:
-            self.feed.close()
+        """Train to ``train.steps`` (or an early stop): a step, then whatever is due."""
+        c, first, val_loss = self.config, self.step, math.nan
+        if self.hooks.on_start and self.dist.is_main:
+            self.hooks.on_start(first)
+        clock = _Clock(first, self.say_cost)
+        shown = progress and self.dist.is_main
+        self.feed.start(first, self.draw)
+        with (
+            closing(self.feed),  # its prefetching thread, whatever happens
+            determinism_named(self.device),
+            Progress(c.steps, "train", "step", initial=first, enabled=shown) as bar,
+        ):
+            while self.step < c.steps:
+                self.window.append(self.take_step())  # its draws: f(seed, rank, step)
+                self.update_ema()
+                bar.update()
+                clock.tick(self.step)
+                end = self.step == c.steps
+                validate = end or self.step % c.val_every == 0
+                save = validate or self.step % c.checkpoint_every == 0
+                if save or self.step % log_every == 0:
+                    metrics = self.window_metrics(clock)  # raises on a non-finite loss
+                    if validate:
+                        metrics["val_loss"] = val_loss = self.validate()  # best.pt if better
+                    self.report(metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if save:
+                    self.save_checkpoint(self.last)
+                if end or self.step % c.sample_every == 0:
+                    self.preview()
+                if self.best.stop:  # only set on a validation step, saved just above
+                    self.say(f"early stopping at step {self.step}: no improvement in "
+                             f"{self.best.misses} validations")  # fmt: skip
+                    break
+        if math.isnan(val_loss):  # where the model stands, even with nothing left to train
+            val_loss = self.validation_loss()
+        return self.finish(first, val_loss, clock.seconds())
 
-    def _draw(self, step: int) -> Draw:
+    def draw(self, step: int) -> Draw:
         """The images and flips of ``step``: a function of (seed, rank, step) only."""
         rng = substream(step_seed(self.seed, self.dist.rank, step), DRAW)
         return draw(rng, self.num_images, self.config.batch_size, self.config.hflip)
 
-    def _run(self, log_every: int, progress: bool) -> Trained:
-        c, step, start = self.config, self.step, self.step
-        if self.hooks.on_start and self.dist.is_main:
-            self.hooks.on_start(step)
-        val_loss = math.nan
-        t_start = t_first = self.t_window = time.perf_counter()
-        shown = progress and self.dist.is_main
-        with Progress(c.steps, "train", "step", initial=step, enabled=shown) as bar:
-            while step < c.steps:
-                # 1. One optimizer step; every random draw is a function of (seed, rank, step)
-                rng = step_seed(self.seed, self.dist.rank, step)
-                batch = self.feed.batch(step)
-                loss, grad_norm = _step(
-                    self.state, self.net, self.diffusion, batch, c, rng, self.amp
-                )
-                step += 1
-                self.state.ema.update(self.state.model, step)
-                self.window.append(loss)
-                bar.update()
-                if step == start + 1:
-                    t_first = time.perf_counter()
-                if step == start + 1 + COST_STEPS:
-                    self._say_cost(step, (time.perf_counter() - t_first) / COST_STEPS)
-                # 2. Report, validate, checkpoint and preview when due
-                validate = step % c.val_every == 0 or step == c.steps
-                save = validate or step % c.checkpoint_every == 0
-                if step % log_every == 0 or save:
-                    metrics = self._report(step, grad_norm, validate)
-                    val_loss = metrics.get("val_loss", val_loss)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if save and self.dist.is_main:
-                    self._save(self.last, step)
-                if step % c.sample_every == 0 or step == c.steps:
-                    self._preview(step)
-                if self.best.stop:  # only set on a validation step, saved just above
-                    self.say(f"early stopping at step {step}: no improvement in "
-                             f"{self.best.misses} validations")  # fmt: skip
-                    break
-        # 3. Finish: where the model stands, even when there was nothing left to train
-        if math.isnan(val_loss):
-            val_loss = self._validation_loss()
-        return self._finish(step, start, val_loss, time.perf_counter() - t_start)
+    def take_step(self) -> torch.Tensor:
+        """One optimizer step on this step's batch; its loss (left on the device)."""
+        rng = step_seed(self.seed, self.dist.rank, self.step)
+        batch = self.feed.batch(self.step)
+        loss, self.grad_norm = optimizer_step(
+            self.state, self.net, self.diffusion, batch, self.config, rng, self.amp
+        )
+        self.step += 1
+        return loss
 
-    def _say_cost(self, step: int, seconds_per_step: float) -> None:
+    def update_ema(self) -> None:
+        self.state.ema.update(self.state.model, self.step)
+
+    def say_cost(self, step: int, seconds_per_step: float) -> None:
         left = self.config.steps - step
         eta = timedelta(seconds=round(left * seconds_per_step))
         self.say(
@@ -436,47 +435,54 @@ class _Loop:
             f"on {self.device.type} (measured over {COST_STEPS} steps): about {eta} more"
         )
 
-    def _validation_loss(self) -> float:
-        """The loss of the EMA weights (the ones we sample from) on the fixed validation set."""
-        return validation_loss(
-            self.state.ema.module,
-            self.diffusion,
-            self.val,
-            self.config.val_timesteps,
-            self.config.batch_size,
-        )
-
-    def _report(self, step: int, grad_norm: torch.Tensor, validate: bool) -> dict[str, float]:
-        """The window's metrics (checked finite before anything is written), validation when
-        due and ``best.pt`` when it improves; then ``on_metrics``."""
-        now = time.perf_counter()
+    def window_metrics(self, clock: _Clock) -> dict[str, float]:
+        """The metrics of the steps since the last report, checked finite before anything is
+        written."""
+        losses = checked_losses(self.window, self.step, self.last)
         seen = len(self.window) * self.config.batch_size * self.dist.world_size
-        metrics = _window_metrics(
-            self.window, step, self.last, self.state, grad_norm, seen / (now - self.t_window)
-        )
-        self.window, self.t_window = [], now
-        if validate:
-            metrics["val_loss"] = self._validation_loss()
-            if self.best.update(metrics["val_loss"]) and self.dist.is_main:
-                self._save(self.best_path, step)
+        self.window = []
+        return {
+            "loss": float(losses.mean()),
+            "lr": self.state.scheduler.get_last_lr()[0],
+            "grad_norm": float(self.grad_norm),
+            "images_per_second": seen / clock.lap(),
+            "ema_decay": self.state.ema.current_decay,
+        }
+
+    def validate(self) -> float:
+        """The validation loss; ``best.pt`` when it improves on the best so far."""
+        val_loss = self.validation_loss()
+        if self.best.update(val_loss):
+            self.save_checkpoint(self.best_path)
+        return val_loss
+
+    def validation_loss(self) -> float:
+        """The loss of the EMA weights (the ones we sample from) on the fixed validation set."""
+        c = self.config
+        ema = self.state.ema.module
+        return validation_loss(ema, self.diffusion, self.val, c.val_timesteps, c.batch_size)
+
+    def report(self, metrics: dict[str, float]) -> None:
         if self.dist.is_main and self.hooks.on_metrics:
-            self.hooks.on_metrics(step, metrics)
-        return metrics
+            self.hooks.on_metrics(self.step, metrics)
 
-    def _save(self, path: Path, step: int) -> None:
-        s = self.state
-        payload = training_checkpoint(
-            step, self.configs, s.model, s.ema, s.optimizer, s.scheduler, self.best.loss
-        )
-        save_checkpoint(payload, path)
+    def save_checkpoint(self, path: Path) -> None:
+        """Everything a resume needs, atomically, from rank 0."""
+        if self.dist.is_main:
+            s = self.state
+            payload = training_checkpoint(
+                self.step, self.configs, s.model, s.ema, s.optimizer, s.scheduler, self.best.loss
+            )
+            save_checkpoint(payload, path)
 
-    def _preview(self, step: int) -> None:
+    def preview(self) -> None:
         if self.dist.is_main and self.hooks.on_samples:
             images = preview(self.state.ema, self.diffusion, self.config, self.device)
-            self.hooks.on_samples(step, images)
+            self.hooks.on_samples(self.step, images)
 
-    def _finish(self, step: int, start: int, val_loss: float, wall: float) -> Trained:
-        trained = (step - start) * self.config.batch_size * self.dist.world_size
+    def finish(self, first: int, val_loss: float, wall: float) -> Trained:
+        step = self.step
+        trained = (step - first) * self.config.batch_size * self.dist.world_size
         result = TrainResult(
             step=step,
             best_val_loss=self.best.loss,
@@ -484,14 +490,38 @@ class _Loop:
             wall_time_s=wall,
             images_per_second=trained / wall if wall > 0 else 0.0,
             stopped_early=self.best.stop,
-            resumed_from_step=start,
+            resumed_from_step=first,
         )
         self.say(
-            f"trained to step {step} ({step - start} this run) in {wall:.0f}s, "
+            f"trained to step {step} ({step - first} this run) in {wall:.0f}s, "
             f"{result.images_per_second:.0f} img/s; val loss {val_loss:.4f}, "
             f"best {self.best.loss:.4f}"
         )
         return Trained(result, self.state.ema, self.state.model)
+
+
+class _Clock:
+    """The run's wall time, the rate between reports, and the cost estimate: the steps after
+    the first (warm-up, compilation) timed for ``COST_STEPS`` steps, then ``say_cost``."""
+
+    def __init__(self, first: int, say_cost: Callable[[int, float], None]) -> None:
+        self.first, self.say_cost = first, say_cost
+        self.start = self.lap_start = self.cost_start = time.perf_counter()
+
+    def tick(self, step: int) -> None:
+        if step == self.first + 1:
+            self.cost_start = time.perf_counter()
+        if step == self.first + 1 + COST_STEPS:
+            self.say_cost(step, (time.perf_counter() - self.cost_start) / COST_STEPS)
+
+    def lap(self) -> float:
+        """Seconds since the last lap (or the start)."""
+        now = time.perf_counter()
+        seconds, self.lap_start = now - self.lap_start, now
+        return seconds
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def train(

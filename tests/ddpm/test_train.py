@@ -236,7 +236,7 @@ def test_a_kernel_without_a_deterministic_version_stops_the_run_with_the_fix(
             "but you set 'torch.use_deterministic_algorithms(True)'. You can turn off ..."
         )
 
-    monkeypatch.setattr(ddpm.train, "_step", nondeterministic)
+    monkeypatch.setattr(ddpm.train, "optimizer_step", nondeterministic)
     with pytest.raises(DeterminismError, match=r"upsample_nearest2d_backward_out_cuda does not "
                        r"have a deterministic implementation on cpu; set train.deterministic: "
                        r"false"):  # fmt: skip
