@@ -61,15 +61,15 @@ def mlflow_runs(project: Path, name_prefix: str = ""):
 
 def test_smoke_pipeline_writes_finite_metrics(smoke):
     train = json.loads((smoke / "metrics" / "train.json").read_text())
-    assert train["steps"] == 300 and math.isfinite(train["final_val_loss"])
+    assert train["steps"] == 150 and math.isfinite(train["final_val_loss"])
     assert train["final_val_loss"] < 0.5  # the untrained, zero-output net scores about 1.0
     assert (smoke / "dvc.lock").is_file()
     evaluation = json.loads((smoke / "metrics" / "eval.json").read_text())
     for key in ("fid", "isc_mean", "isc_std", "kid_mean", "kid_std"):
         assert math.isfinite(evaluation[key]), (key, evaluation)
-    assert evaluation["num_images"] == 100 and evaluation["sampler"] == "ddim"
+    assert evaluation["num_images"] == 50 and evaluation["sampler"] == "ddim"
     assert "NOT real" in json.dumps(evaluation)  # untrained Inception weights are labelled
-    assert len(list((smoke / "samples" / "images").glob("*.png"))) == 100
+    assert len(list((smoke / "samples" / "images").glob("*.png"))) == 50
 
 
 def test_smoke_pipeline_logs_one_mlflow_run_with_params_metrics_and_artifacts(smoke):
@@ -77,7 +77,7 @@ def test_smoke_pipeline_logs_one_mlflow_run_with_params_metrics_and_artifacts(sm
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["dataset"] == "synthetic" and run.data.params["schedule"] == "linear"
-    assert run.data.metrics["train/steps"] == 300
+    assert run.data.metrics["train/steps"] == 150
     assert math.isfinite(run.data.metrics["eval/fid"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"weights", "previews", "curves"} <= artifacts, artifacts
@@ -145,52 +145,51 @@ def test_a_sampling_param_reruns_only_sample_and_evaluate(smoke):
     _, runs = mlflow_runs(smoke)
     run = {r.info.run_name: r for r in runs}["ddim-10"]
     # DVC skipped train, yet the run opened by sample carries every param of the experiment
-    assert run.data.params["sample.steps"] == "10" and run.data.params["train.steps"] == "300"
+    assert run.data.params["sample.steps"] == "10" and run.data.params["train.steps"] == "150"
 
 
-def test_dvc_exp_run_with_a_cosine_schedule_is_a_second_tracked_experiment(smoke):
+def test_a_cosine_experiment_then_a_queued_sweep_over_both_schedules_restores_and_tracks(smoke):
+    """The sweep users run (`dvc exp run --queue -S schedule=linear,cosine`, one worker) after
+    one run of each schedule: DVC restores every stage it can from its run cache, and each
+    MLflow run, named after its experiment, still holds the whole record, the restored
+    stages' included (track projects them): dataset input, artifacts, every metric."""
     done = dvc(smoke, "exp", "run", "-n", "cosine-smoke", "-S", "schedule=cosine")
     assert "Running stage 'train'" in done.stdout and "Running stage 'prepare'" not in done.stdout
-    shown = json.loads(dvc(smoke, "exp", "show", "--json").stdout)
-    text = json.dumps(shown)
-    assert "cosine-smoke" in text
-    _, runs = mlflow_runs(smoke)
-    by_name = {r.info.run_name: r for r in runs}
-    assert by_name["cosine-smoke"].data.params["schedule"] == "cosine"
-    assert by_name["cosine-smoke"].data.tags["dvc_exp_name"] == "cosine-smoke"
-    assert by_name["cosine-smoke"].data.metrics["train/steps"] == 300
-    assert math.isfinite(by_name["cosine-smoke"].data.metrics["eval/fid"])
-
-
-def test_a_queued_sweep_over_sampling_runs_every_point_without_training_and_tracks_each(smoke):
-    """DVC's grid syntax, one worker: both experiments end, train comes from the run cache,
-    and each MLflow run, named after its experiment, holds the swept param and every metric,
-    the restored stages' included (logged by track)."""
-    dvc(smoke, "exp", "run", "--queue", "-S", "sample.steps=4,6")
+    assert "cosine-smoke" in json.dumps(json.loads(dvc(smoke, "exp", "show", "--json").stdout))
+    dvc(smoke, "exp", "run", "--queue", "-S", "schedule=linear,cosine")
     done = dvc(smoke, "exp", "run", "--run-all", "-j", "1")
-    assert done.stdout.count("Running stage 'sample'") == 2, done.stdout
-    assert "Running stage 'train'" not in done.stdout  # restored, or up to date in the copy
-    assert "Running stage 'frontier'" not in done.stdout
+    for stage in ("train", "evaluate", "frontier"):  # sample is not cached: it reruns
+        assert f"Running stage '{stage}'" not in done.stdout, done.stdout
     status = dvc(smoke, "queue", "status").stdout
     assert status.count("Success") == 2 and "Failed" not in status, status
-    shown = json.loads(dvc(smoke, "exp", "show", "--json").stdout)
-    swept = {}
-    for commit in shown:
-        for exp in commit.get("experiments") or []:
-            for rev in exp["revs"]:
-                params = rev["data"]["params"]["params.yaml"]["data"]
-                if params["sample"]["steps"] in (4, 6):
-                    swept[rev["name"]] = params["sample"]["steps"]
-    assert sorted(swept.values()) == [4, 6], swept
-    _, runs = mlflow_runs(smoke)
+    client, runs = mlflow_runs(smoke)
     by_name = {r.info.run_name: r for r in runs}
-    for name, steps in swept.items():
+    swept = queued_experiments(smoke)
+    assert sorted(swept.values()) == ["cosine", "linear"], swept
+    for name, schedule in [*swept.items(), ("cosine-smoke", "cosine")]:
         run = by_name[name]
         assert run.info.status == "FINISHED", (name, run.info.status)
-        assert run.data.params["sample.steps"] == str(steps)
-        assert run.data.metrics["train/steps"] == 300  # restored from the run cache, then tracked
-        assert math.isfinite(run.data.metrics["eval/fid"])
-        assert math.isfinite(run.data.metrics["frontier/ddim/fid"])
+        assert run.data.params["schedule"] == schedule and run.data.metrics["train/steps"] == 150
+        for key in ("eval/fid", "frontier/ddim/fid", "train/ema_decay"):
+            assert math.isfinite(run.data.metrics[key]), (name, key)
+        datasets = {d.dataset.name for d in run.inputs.dataset_inputs}
+        assert {"synthetic-train", "synthetic-val"} == datasets, (name, datasets)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"curves", "frontier", "metrics", "previews", "weights"} <= artifacts, artifacts
+    assert by_name["cosine-smoke"].data.tags["dvc_exp_name"] == "cosine-smoke"
+    for name in swept:
+        assert by_name[name].data.tags["stage.train"] == "restored"
+
+
+def queued_experiments(project: Path) -> dict[str, str]:
+    """The experiments of ``dvc exp show`` whose names DVC made up: name -> schedule."""
+    swept = {}
+    for commit in json.loads(dvc(project, "exp", "show", "--json").stdout):
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                if rev["name"] not in ("cosine-smoke", "ddim-10"):
+                    swept[rev["name"]] = rev["data"]["params"]["params.yaml"]["data"]["schedule"]
+    return swept
 
 
 def test_outputs_round_trip_through_a_local_dvc_remote(smoke, tmp_path):
