@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ScheduleName = Literal["linear", "cosine", "sigmoid"]
+ScheduleName = Literal["linear", "cosine", "sigmoid", "dns"]
 Prediction = Literal["eps", "x0", "v"]
 LossType = Literal["l2", "l1"]
 AttentionType = Literal["softmax", "linear"]

@@ -24,7 +24,7 @@ import torch
 from ddpm.config import DiffusionConfig, UNetConfig
 from ddpm.errors import CheckpointError
 from ddpm.files import atomic_write_bytes
-from ddpm.schedules import make_betas
+from ddpm.schedules import SCHEDULES, make_betas
 
 WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # Options of UNet2DModel that must have these values for the function to be ours.
@@ -177,11 +177,12 @@ def diffusion_from_scheduler(config: dict[str, Any]) -> DiffusionConfig:
     kind = {v: k for k, v in PREDICTIONS.items()}.get(config.get("prediction_type", "epsilon"))
     if kind is None:
         raise ConversionError(f"prediction_type={config['prediction_type']!r} is not supported")
-    for name in ("linear", "cosine", "sigmoid"):
+    for name in SCHEDULES:
         if torch.allclose(make_betas(name, len(betas)), betas, rtol=1e-5, atol=1e-7):
             return DiffusionConfig(schedule=name, timesteps=len(betas), prediction=kind)
-    raise ConversionError("the scheduler's betas match none of our schedules (linear, cosine, "
-                          f"sigmoid) at T={len(betas)}")  # fmt: skip
+    names = ", ".join(SCHEDULES)
+    raise ConversionError(f"the scheduler's betas match none of our schedules ({names}) at "
+                          f"T={len(betas)}")  # fmt: skip
 
 
 def scheduler_config(diffusion: DiffusionConfig) -> dict[str, Any]:

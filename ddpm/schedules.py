@@ -53,10 +53,26 @@ def sigmoid_betas(
     return _betas_from_alphas_cumprod(f / f[0])
 
 
+def dns_betas(timesteps: int, offset: float = 5.0) -> torch.Tensor:
+    """ "DNS" (dynamic negative square), the third schedule of betterlmy's CIFAR-10 DDPM:
+    beta_t = low + (high - low) ((t + offset) / (T + 1 + offset))² for t = 0 .. T-1, with the
+    linear schedule's ends, low = 1e-4 and high = 0.02 scaled by 1000 / T.
+
+    beta grows with the square of t, so it stays near ``low`` for longer than the linear
+    schedule and destroys the image later in the chain; clipped at MAX_BETA like the others.
+    """
+    scale = 1000 / timesteps
+    low, high = scale * 1e-4, scale * 0.02
+    t = torch.arange(timesteps, dtype=torch.float64)
+    betas = low + (high - low) * ((t + offset) / (timesteps + 1 + offset)) ** 2
+    return betas.clamp(max=MAX_BETA)
+
+
 SCHEDULES: dict[str, Callable[[int], torch.Tensor]] = {
     "linear": linear_betas,
     "cosine": cosine_betas,
     "sigmoid": sigmoid_betas,
+    "dns": dns_betas,
 }
 
 

@@ -7,7 +7,7 @@ from ddpm.config import DiffusionConfig, UNetConfig
 @pytest.mark.parametrize(
     ("kwargs", "field", "words"),
     [
-        ({"schedule": "cosin"}, "schedule", "'linear', 'cosine' or 'sigmoid'"),
+        ({"schedule": "cosin"}, "schedule", "'linear', 'cosine', 'sigmoid' or 'dns'"),
         ({"prediction": "noise"}, "prediction", "'eps', 'x0' or 'v'"),
         ({"loss": "huber"}, "loss", "'l2' or 'l1'"),
         ({"timesteps": 1}, "timesteps", "greater than or equal to 2"),

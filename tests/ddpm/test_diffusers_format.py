@@ -129,7 +129,7 @@ def test_ours_exported_is_loaded_by_diffusers_as_the_same_function(tmp_path, lay
 
 def test_an_exported_folder_is_a_ddpm_pipeline_with_our_betas(tmp_path):
     model = UNet(UNetConfig(**unet_config_from_diffusers(TINY).model_dump()))
-    for schedule in ("linear", "cosine", "sigmoid"):
+    for schedule in ("linear", "cosine", "sigmoid", "dns"):
         diffusion = DiffusionConfig(schedule=schedule, timesteps=200, prediction="eps")
         write_diffusers(tmp_path / schedule, model.config, diffusion, model.state_dict())
         pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / schedule)

@@ -57,10 +57,28 @@ def test_every_schedule_is_valid_for_any_length(name, timesteps):
 
 
 def test_unknown_schedule_names_the_choices():
-    with pytest.raises(ValueError, match=r"unknown schedule 'cosin'.*\['cosine', 'linear'"):
+    with pytest.raises(ValueError, match=r"unknown schedule 'cosin'.*\['cosine', 'dns', 'linear'"):
         make_betas("cosin", 1000)
 
 
 def test_too_few_timesteps_is_refused():
     with pytest.raises(ValueError, match="at least 2"):
         make_betas("linear", 1)
+
+
+@pytest.mark.parametrize("timesteps", [1000, 2000])
+def test_dns_betas_are_the_formula_of_the_project_it_comes_from(timesteps):
+    """betterlmy's "dynamic negative square": low + (high - low) ((t + 5) / (T + 6))^2 with
+    the linear schedule's ends scaled by 1000 / T, every t of the chain."""
+    low, high = 1e-4 * 1000 / timesteps, 0.02 * 1000 / timesteps
+    expected = [low + (high - low) * ((t + 5) / (timesteps + 6)) ** 2 for t in range(timesteps)]
+    betas = make_betas("dns", timesteps)
+    assert betas.tolist() == pytest.approx(expected, rel=1e-12, abs=0)
+    # by hand at T = 1000: 1e-4 + 0.0199 (5 / 1006)^2 and 1e-4 + 0.0199 (1004 / 1006)^2
+    if timesteps == 1000:
+        assert betas[0].item() == pytest.approx(1.00491583e-4, rel=1e-8)
+        assert betas[-1].item() == pytest.approx(0.0199209534, rel=1e-8)
+    # beta rising with t squared noises later than the linear schedule: more signal mid-chain
+    half = timesteps // 2
+    abar = torch.cumprod(1 - betas, 0)
+    assert abar[half] > torch.cumprod(1 - make_betas("linear", timesteps), 0)[half]

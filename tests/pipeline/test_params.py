@@ -79,7 +79,7 @@ def write(tmp_path: Path, **overrides) -> Path:
 @pytest.mark.parametrize(
     ("override", "words"),
     [
-        ({"schedule": "cosin"}, ["schedule", "'linear', 'cosine' or 'sigmoid'"]),
+        ({"schedule": "cosin"}, ["schedule", "'linear', 'cosine', 'sigmoid' or 'dns'"]),
         ({"train__lr": -1.0}, ["train.lr", "greater than 0"]),
         ({"dataset": "mnist"}, ["dataset", "'cifar10-cars'"]),
         ({"diffusion__prediction": "noise"}, ["diffusion.prediction", "'eps', 'x0' or 'v'"]),
@@ -97,10 +97,11 @@ def test_a_bad_value_is_refused_naming_the_key(tmp_path, override, words):
     assert f"`git checkout {tmp_path / 'params.yaml'}`" in str(info.value)
 
 
-def test_an_override_reaches_the_code(tmp_path):
-    params = load_params(write(tmp_path, schedule="cosine", diffusion__timesteps=500))
+@pytest.mark.parametrize("schedule", ["cosine", "dns"])
+def test_an_override_reaches_the_code(tmp_path, schedule):
+    params = load_params(write(tmp_path, schedule=schedule, diffusion__timesteps=500))
     config = params.diffusion_config()
-    assert (config.schedule, config.timesteps) == ("cosine", 500)
+    assert (config.schedule, config.timesteps) == (schedule, 500)
 
 
 def test_a_missing_params_file_is_named(tmp_path):
