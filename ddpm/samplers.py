@@ -258,6 +258,52 @@ def ddim_sample(
     return x
 
 
+def dpm_solver_order(order: int, i: int, n: int, lower_order_final: bool) -> int:
+    """The order of step ``i`` of ``n`` (diffusers' rule): the first steps lack the history
+    for more than i + 1; the step to sigma = 0 is first order (it returns the predicted x0);
+    with ``lower_order_final`` and fewer than 15 steps, the one before it is at most second
+    order, which keeps few-step sampling stable (Lu et al. 2022b, sec. 5)."""
+    if i == n - 1:
+        return 1
+    if lower_order_final and n < 15 and i == n - 2:
+        return min(order, i + 1, 2)
+    return min(order, i + 1)
+
+
+def dpm_solver_update(
+    x: torch.Tensor,
+    x0s: list[torch.Tensor],
+    lambdas: list[float],
+    lambda_prev: float,
+    sigma_ratio: float,
+    alpha_prev: float,
+) -> torch.Tensor:
+    """One DPM-Solver++ multistep update (Lu et al. 2022b, Algorithm 2 and its third-order
+    form in appendix B) of order len(x0s): x_prev from x_t, the data predictions x0s (newest
+    first) at the log-SNRs lambdas (newest first, lambda = log(alpha / sigma)).
+
+    With h = lambda_prev - lambda_0 and r_k = (lambda_k - lambda_{k+1}) / h:
+    x_prev = sigma_prev / sigma_t x - alpha_prev (e^-h - 1) D0 + the corrections of D1 (the
+    first difference, "midpoint" form at second order) and D2 (the second, at third order).
+    """
+    h = lambda_prev - lambdas[0]
+    phi1 = math.expm1(-h)  # e^-h - 1
+    out = sigma_ratio * x - alpha_prev * phi1 * x0s[0]
+    if len(x0s) == 1:
+        return out
+    r0 = (lambdas[0] - lambdas[1]) / h
+    d1_0 = (x0s[0] - x0s[1]) / r0
+    if len(x0s) == 2:
+        return out - 0.5 * alpha_prev * phi1 * d1_0
+    r1 = (lambdas[1] - lambdas[2]) / h
+    d1_1 = (x0s[1] - x0s[2]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi2 = phi1 / h + 1.0  # (e^-h - 1) / h + 1
+    phi3 = (phi1 + h) / h**2 - 0.5  # (e^-h - 1 + h) / h^2 - 1/2, which -> 0 as h -> 0
+    return out + alpha_prev * phi2 * d1 - alpha_prev * phi3 * d2
+
+
 def dpm_solver_sample(
     model: nn.Module,
     diffusion: GaussianDiffusion,
@@ -265,6 +311,8 @@ def dpm_solver_sample(
     *,
     steps: int = 20,
     spacing: Spacing = "trailing",
+    order: int = 2,
+    lower_order_final: bool = True,
     clip_x0: bool = True,
     y: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
@@ -274,32 +322,37 @@ def dpm_solver_sample(
     progress: bool = False,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a deterministic multistep ODE solver.
+    """DPM-Solver++ (Lu et al. 2022b): a deterministic multistep ODE solver in the data
+    prediction; ``order`` 1 is DDIM, 2 is DPM-Solver++(2M), 3 its third-order form.
 
-    In terms of alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha/sigma)
-    and h = lambda_prev - lambda_t, each step is
-    x_prev = sigma_prev / sigma_t x_t - alpha_prev (e^{-h} - 1) D, where D is the predicted
-    x0 on the first step and the second-order combination (1 + 1/2r) x0 - 1/2r x0_last after.
-    The last step, to t = -1 (sigma = 0), returns the predicted x0 itself.
+    In terms of alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and lambda_t =
+    log(alpha / sigma), each step is :func:`dpm_solver_update` of the order
+    :func:`dpm_solver_order` gives; the last step, to t = -1 (sigma = 0), returns the
+    predicted x0 itself.
     """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3; got {order}")
     timesteps = sampling_timesteps(diffusion, steps, spacing)
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
-    x0_last, h_last = None, None
+    x0s: list[torch.Tensor] = []  # 2. the data predictions so far, newest first
+    lambdas: list[float] = []
+    n = len(timesteps)
     for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "dpm")):
-        x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. data prediction
+        x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)
+        abar_t = _abar(diffusion, t)
+        x0s.insert(0, x0)
+        lambdas.insert(0, float(0.5 * torch.log(abar_t / (1 - abar_t))))
         if t_prev < 0:
             x = x0
         else:
-            abar_t, abar_prev = _abar(diffusion, t), _abar(diffusion, t_prev)
-            lam_t = 0.5 * torch.log(abar_t / (1 - abar_t))
-            h = 0.5 * torch.log(abar_prev / (1 - abar_prev)) - lam_t
-            d = x0
-            if x0_last is not None and h_last is not None:  # 3. second-order correction
-                r = float(h_last / h)
-                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
-            ratio = torch.sqrt((1 - abar_prev) / (1 - abar_t))
-            x = float(ratio) * x - float(abar_prev.sqrt() * torch.expm1(-h)) * d  # 4. update
-            x0_last, h_last = x0, h
+            k = dpm_solver_order(order, i, n, lower_order_final)  # 3. as much history as allowed
+            abar_prev = _abar(diffusion, t_prev)
+            lambda_prev = float(0.5 * torch.log(abar_prev / (1 - abar_prev)))
+            ratio = float(torch.sqrt((1 - abar_prev) / (1 - abar_t)))
+            x = dpm_solver_update(  # 4. the update
+                x, x0s[:k], lambdas[:k], lambda_prev, ratio, float(abar_prev.sqrt())
+            )
+        del x0s[order:], lambdas[order:]
         if callback is not None:
             callback(i, t, x, x0)
     return x
