@@ -182,7 +182,8 @@ class EMAConfig(_Frozen):
 class SamplerConfig(_Frozen):
     """One sampler and its settings: what :func:`ddpm.samplers.sample` runs.
 
-    ``eta`` applies to ddim only and ``variance`` to ddpm only; the others ignore them.
+    ``eta`` applies to ddim only, ``variance`` to ddpm only and ``order`` and
+    ``lower_order_final`` to dpm-solver only; the others ignore them.
     """
 
     sampler: SamplerName = Field(
@@ -198,6 +199,16 @@ class SamplerConfig(_Frozen):
         "visit a repeated timestep once, so they may take fewer network evaluations than steps.",
     )
     variance: Variance = Field("posterior", description="ddpm: beta-tilde or beta.")
+    order: Literal[1, 2, 3] = Field(
+        2,
+        description="dpm-solver: 1 is DDIM, 2 DPM-Solver++(2M), 3 its third-order form (its "
+        "authors' choice for unconditional models, Lu et al. 2022b).",
+    )
+    lower_order_final: bool = Field(
+        True,
+        description="dpm-solver: under 15 steps, the step before the last is at most second "
+        "order (diffusers' lower_order_final; the last step, to sigma = 0, is always first).",
+    )
     clip_x0: bool = Field(True, description="Clamp the predicted x0 to [-1, 1] at every step.")
     guidance_scale: float = Field(
         1.0, ge=0.0, description="Conditional models: classifier-free guidance; 1: none."

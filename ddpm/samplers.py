@@ -384,4 +384,7 @@ def sample(
         options["eta"] = config.eta
     if config.sampler == "ddpm":
         options["variance"] = config.variance
+    if config.sampler == "dpm-solver":
+        options["order"] = config.order
+        options["lower_order_final"] = config.lower_order_final
     return SAMPLERS[config.sampler](model, diffusion, shape, **options, **inputs)

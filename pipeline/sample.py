@@ -119,6 +119,7 @@ def blame(exc: NonFiniteSamplesError, net: SamplingModel, s: SampleParams) -> Ru
         return CheckpointError(f"{s.weights} weights: {exc}; some weights are NaN or inf")
     settings = (
         f"sampler={s.sampler}, steps={s.steps}, spacing={s.spacing}, eta={s.eta}, "
+        f"order={s.order}, "
         f"clip_x0={s.clip_x0}, guidance_scale={s.guidance_scale}, bf16={s.bf16}"
     )
     return NonFiniteSamplesError(

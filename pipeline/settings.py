@@ -185,10 +185,14 @@ class _Point(Section):
     steps: int
     spacing: Spacing | None
 
+    order: int | None
+
     @property
     def series(self) -> str:
-        """The line this point belongs to: the sampler, and the spacing when the point sets one."""
-        return self.sampler if self.spacing is None else f"{self.sampler}:{self.spacing}"
+        """The line this point belongs to: the sampler (``dpm-solver-3`` when the point sets an
+        order other than 2), and the spacing when the point sets one."""
+        name = self.sampler if self.order in (None, 2) else f"{self.sampler}-{self.order}"
+        return name if self.spacing is None else f"{name}:{self.spacing}"
 
     def sampler_config(self, sample: SampleParams) -> SamplerConfig:
         """This point's settings, the rest from ``sample`` (reading only those: sample.steps

@@ -97,3 +97,18 @@ def test_higher_orders_converge_faster_on_a_smooth_ode():
         for k in (1, 2, 3)
     ]  # fmt: skip
     assert errors[2] < errors[1] < errors[0] and all(map(math.isfinite, errors)), errors
+
+
+def test_the_sample_settings_reach_the_solver():
+    """SamplerConfig's order and lower_order_final are what sample() runs dpm-solver with."""
+    from ddpm.config import SamplerConfig
+    from ddpm.samplers import sample
+
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    config = SamplerConfig(sampler="dpm-solver", steps=8, order=3, lower_order_final=False,
+                           clip_x0=False)  # fmt: skip
+    direct = dpm_solver_sample(Smooth(), DIFFUSION, SHAPE, steps=8, order=3,
+                               lower_order_final=False, clip_x0=False, x_T=x_T)  # fmt: skip
+    assert torch.equal(sample(Smooth(), DIFFUSION, SHAPE, config, x_T=x_T), direct)
+    second = SamplerConfig(sampler="dpm-solver", steps=8, clip_x0=False)
+    assert not torch.equal(sample(Smooth(), DIFFUSION, SHAPE, second, x_T=x_T), direct)

@@ -198,3 +198,13 @@ def test_more_steps_resume_the_same_run_unless_the_lr_curve_depends_on_them(sche
     longer = p.model_copy(update={"train": p.train.model_copy(update={"steps": 200_000})})
     keys = [checkpoint_key(q, q.unet_config(), "sha") for q in (p, longer)]
     assert (keys[0] == keys[1]) is same
+
+
+def test_a_third_order_dpm_solver_point_is_a_line_of_its_own():
+    """The default frontier draws DPM-Solver++ of third order at 10 and 20 steps, named
+    dpm-solver-3 in the figure and the metrics; order 2, the default, keeps the plain name."""
+    points = load_params(ROOT / "params.yaml").frontier.points
+    series = {(p.series, p.steps) for p in points}
+    assert {("dpm-solver-3", 10), ("dpm-solver-3", 20), ("dpm-solver", 10)} <= series
+    explicit = FrontierPoint(sampler="dpm-solver", steps=10, order=2, spacing="logsnr")
+    assert explicit.series == "dpm-solver:logsnr"
