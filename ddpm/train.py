@@ -405,8 +405,8 @@ class _Loop:
                     self.say(f"early stopping at step {self.step}: no improvement in "
                              f"{self.best.misses} validations")  # fmt: skip
                     break
-        if math.isnan(val_loss):  # where the model stands, even with nothing left to train
-            val_loss = self.validation_loss()
+            if math.isnan(val_loss):  # where the model stands, even with nothing left to train
+                val_loss = self.validation_loss()
         return self.finish(first, val_loss, clock.seconds())
 
     def draw(self, step: int) -> Draw:

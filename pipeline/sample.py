@@ -136,11 +136,14 @@ def check_inputs(
     forward-process figure."""
     problems = Problems("sample")
     net = problems.load(load_sampling_model, weights, s.weights, device)
-    split = problems.load(load_prepared, data, "train") if main else None
+    split = problems.load(load_prepared, data, "train", mmap=True) if main else None
     if net is not None:
         problems.add(sampler_problems(s, net))
     problems.check()
-    return net, None if split is None else split.images[:FORWARD_IMAGES]
+    if split is None:
+        return net, None
+    # the figure's few images, read from the memory-mapped split rather than all of it
+    return net, torch.from_numpy(np.array(split.images[:FORWARD_IMAGES]))
 
 
 def sampler_problems(s: SampleParams, net: SamplingModel) -> list[str]:

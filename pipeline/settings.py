@@ -184,7 +184,6 @@ class _Point(Section):
     sampler: SamplerName
     steps: int
     spacing: Spacing | None
-
     order: int | None
 
     @property
