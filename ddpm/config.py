@@ -19,7 +19,8 @@ Prediction = Literal["eps", "x0", "v"]
 LossType = Literal["l2", "l1"]
 AttentionType = Literal["softmax", "linear"]
 DownsamplePadding = Literal["asymmetric", "symmetric"]
-SamplerName = Literal["ddpm", "ddim", "dpm-solver"]
+SamplerName = Literal["ddpm", "ddim", "dpm-solver", "unipc"]
+BH = Literal["bh1", "bh2"]
 Spacing = Literal["leading", "linspace", "trailing", "quadratic", "logsnr"]
 Variance = Literal["posterior", "beta"]
 
@@ -182,12 +183,15 @@ class EMAConfig(_Frozen):
 class SamplerConfig(_Frozen):
     """One sampler and its settings: what :func:`ddpm.samplers.sample` runs.
 
-    ``eta`` applies to ddim only, ``variance`` to ddpm only and ``order`` and
-    ``lower_order_final`` to dpm-solver only; the others ignore them.
+    ``eta`` applies to ddim only, ``variance`` to ddpm only, ``order`` and
+    ``lower_order_final`` to dpm-solver and unipc, ``bh`` to unipc only; the others ignore
+    them.
     """
 
     sampler: SamplerName = Field(
-        "ddim", description="ddpm (ancestral), ddim (Song et al. 2020), dpm-solver (++ 2M)."
+        "ddim",
+        description="ddpm (ancestral), ddim (Song et al. 2020), dpm-solver (DPM-Solver++, Lu et "
+        "al. 2022b), unipc (UniPC, Zhao et al. 2023: a multistep predictor and corrector).",
     )
     steps: int = Field(100, ge=1, description="Network evaluations per image, at most T.")
     # eta > 1 makes sigma^2 exceed 1 - abar_prev at some steps: sqrt of a negative, NaN images.
@@ -201,13 +205,20 @@ class SamplerConfig(_Frozen):
     variance: Variance = Field("posterior", description="ddpm: beta-tilde or beta.")
     order: Literal[1, 2, 3] = Field(
         2,
-        description="dpm-solver: 1 is DDIM, 2 DPM-Solver++(2M), 3 its third-order form (its "
-        "authors' choice for unconditional models, Lu et al. 2022b).",
+        description="dpm-solver, unipc: the multistep order. dpm-solver: 1 is DDIM, 2 "
+        "DPM-Solver++(2M), 3 its third-order form (its authors' choice for unconditional "
+        "models, Lu et al. 2022b). unipc: UniP's order (1 is DDIM), UniC adds one.",
     )
     lower_order_final: bool = Field(
         True,
         description="dpm-solver: under 15 steps, the step before the last is at most second "
-        "order (diffusers' lower_order_final; the last step, to sigma = 0, is always first).",
+        "order; unipc: at any number of steps, step i of n at most of order n - i (diffusers' "
+        "lower_order_final; the last step, to sigma = 0, is always first order).",
+    )
+    bh: BH = Field(
+        "bh2",
+        description="unipc: its B(h), bh1 = h or bh2 = e^h - 1 (Zhao et al. 2023, sec. 3.3; "
+        "diffusers' default and its advice: bh1 for unconditional models under 10 steps).",
     )
     clip_x0: bool = Field(True, description="Clamp the predicted x0 to [-1, 1] at every step.")
     guidance_scale: float = Field(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddpm.config import SamplerConfig, Spacing, Variance
+from ddpm.config import BH, SamplerConfig, Spacing, Variance
 from ddpm.diffusion import GaussianDiffusion, posterior_coefficients
 from ddpm.noise import Generators, initial_noise, step_noise
 from ddpm.progress import Progress
@@ -304,6 +304,20 @@ def dpm_solver_update(
     return out + alpha_prev * phi2 * d1 - alpha_prev * phi3 * d2
 
 
+def _lambda(diffusion: GaussianDiffusion, t: int) -> float:
+    """lambda_t = log(alpha_t / sigma_t) = log(abar_t / (1 - abar_t)) / 2, the half log-SNR
+    the multistep solvers step in (infinite at t = -1, the clean data)."""
+    abar = _abar(diffusion, t)
+    return float(0.5 * torch.log(abar / (1 - abar)))
+
+
+def _ratios(diffusion: GaussianDiffusion, t: int, t_prev: int) -> tuple[float, float]:
+    """(sigma_prev / sigma_t, alpha_prev) of a step t -> t_prev: the two scalars of the
+    exponential integrators' update in the data prediction."""
+    abar_t, abar_prev = _abar(diffusion, t), _abar(diffusion, t_prev)
+    return float(torch.sqrt((1 - abar_prev) / (1 - abar_t))), float(abar_prev.sqrt())
+
+
 def dpm_solver_sample(
     model: nn.Module,
     diffusion: GaussianDiffusion,
@@ -339,18 +353,15 @@ def dpm_solver_sample(
     n = len(timesteps)
     for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "dpm")):
         x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)
-        abar_t = _abar(diffusion, t)
         x0s.insert(0, x0)
-        lambdas.insert(0, float(0.5 * torch.log(abar_t / (1 - abar_t))))
+        lambdas.insert(0, _lambda(diffusion, t))
         if t_prev < 0:
             x = x0
         else:
             k = dpm_solver_order(order, i, n, lower_order_final)  # 3. as much history as allowed
-            abar_prev = _abar(diffusion, t_prev)
-            lambda_prev = float(0.5 * torch.log(abar_prev / (1 - abar_prev)))
-            ratio = float(torch.sqrt((1 - abar_prev) / (1 - abar_t)))
+            ratio, alpha_prev = _ratios(diffusion, t, t_prev)
             x = dpm_solver_update(  # 4. the update
-                x, x0s[:k], lambdas[:k], lambda_prev, ratio, float(abar_prev.sqrt())
+                x, x0s[:k], lambdas[:k], _lambda(diffusion, t_prev), ratio, alpha_prev
             )
         del x0s[order:], lambdas[order:]
         if callback is not None:
@@ -358,7 +369,140 @@ def dpm_solver_sample(
     return x
 
 
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm-solver": dpm_solver_sample}
+def unipc_order(order: int, i: int, n: int, lower_order_final: bool) -> int:
+    """UniP's order at step ``i`` of ``n`` (diffusers' rule): the first steps lack the history
+    for more than i + 1; with ``lower_order_final`` (at any number of steps) step i is at most
+    of order n - i, so the last is first order, the one before at most second."""
+    return min(order, i + 1, n - i if lower_order_final else order)
+
+
+def unipc_coefficients(rks: list[float], h: float, bh: BH, corrector: bool) -> list[float]:
+    """The weights rho of UniPC's differences (Zhao et al. 2023, sec. 3; data prediction).
+
+    With hh = -h, B(h) = hh (bh1) or e^hh - 1 (bh2) and g_k = hh phi_{k+1}(hh) k!, where
+    phi_1(x) = (e^x - 1) / x and phi_{k+1}(x) = (phi_k(x) - 1/k!) / x, the weights solve
+    R rho = g / B(h), R[k][j] = r_j^k over the ratios rks = r_j = (lambda_j - lambda_0) / h
+    of the history (and r = 1 for the corrector's new point). UniP of order p uses the first
+    p - 1 rows and columns (its known points only), UniC all of them; the papers' simple
+    forms take rho = 1/2 for UniP-2 and UniC-1.
+    """
+    p = len(rks) + 1  # the order: the current point and its history
+    if (p == 2 and not corrector) or (p == 1 and corrector):
+        return [0.5]
+    if p == 1:
+        return []
+    hh = -h
+    b_h = hh if bh == "bh1" else math.expm1(hh)
+    g, h_phi, factorial = [], math.expm1(hh) / hh - 1.0, 1.0  # h_phi = hh phi_2(hh)
+    for k in range(1, p + 1):
+        g.append(h_phi * factorial / b_h)
+        factorial *= k + 1
+        h_phi = h_phi / hh - 1.0 / factorial
+    r = np.array([*rks, 1.0])
+    R = np.stack([r**k for k in range(p)])
+    size = p if corrector else p - 1
+    return np.linalg.solve(R[:size, :size], np.array(g[:size])).tolist()
+
+
+def unipc_update(
+    x: torch.Tensor,
+    x0s: list[torch.Tensor],
+    lambdas: list[float],
+    lambda_prev: float,
+    sigma_ratio: float,
+    alpha_prev: float,
+    bh: BH,
+    x0_new: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One UniP step of order len(x0s) from x at lambdas[0] to lambda_prev or, given the data
+    prediction ``x0_new`` at lambda_prev, the UniC correction of that step (Zhao et al. 2023,
+    sec. 3.1-3.2, data prediction): the data predictions x0s and their log-SNRs lambdas are
+    newest first, as in :func:`dpm_solver_update`.
+
+    x_prev = sigma_prev / sigma_t x - alpha_prev (e^-h - 1) D0 - alpha_prev B(h) sum_k rho_k
+    D_k, with D_k = (x0s[k] - x0s[0]) / r_k for the history and, in the corrector, x0_new - D0
+    for the new point (r = 1); rho from :func:`unipc_coefficients`.
+    """
+    h = lambda_prev - lambdas[0]
+    out = sigma_ratio * x - alpha_prev * math.expm1(-h) * x0s[0]
+    rks = [(lam - lambdas[0]) / h for lam in lambdas[1:]]
+    rhos = unipc_coefficients(rks, h, bh, corrector=x0_new is not None)
+    if not rhos:
+        return out
+    diffs = [(x0 - x0s[0]) / r for x0, r in zip(x0s[1:], rks, strict=True)]
+    if x0_new is not None:
+        diffs.append(x0_new - x0s[0])
+    b_h = -h if bh == "bh1" else math.expm1(-h)
+    return out - alpha_prev * b_h * sum(rho * d for rho, d in zip(rhos, diffs, strict=True))
+
+
+def unipc_sample(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 10,
+    spacing: Spacing = "trailing",
+    order: int = 2,
+    bh: BH = "bh2",
+    lower_order_final: bool = True,
+    corrector: bool = True,
+    clip_x0: bool = True,
+    y: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    generator: Generators = None,
+    x_T: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023): the multistep predictor UniP of ``order`` (1: DDIM) and,
+    after every step but the last, the corrector UniC, which refines the new point with the
+    network's prediction there, the one the next step needs anyway: one more order of accuracy
+    at no extra network evaluation. ``corrector=False`` leaves UniP alone.
+
+    The last step, to t = -1 (sigma = 0), returns the predicted x0 itself (a first-order step
+    there: diffusers' UniPC gives NaN with bh1 and, without lower_order_final, diverges).
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3; got {order}")
+    timesteps = sampling_timesteps(diffusion, steps, spacing)
+    x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
+    x0s: list[torch.Tensor] = []  # 2. the data predictions so far, newest first
+    lambdas: list[float] = []
+    last: tuple[torch.Tensor, int, int] | None = None  # the last UniP step: x, its t, order
+    n = len(timesteps)
+    for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "unipc")):
+        x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)
+        lambda_t = _lambda(diffusion, t)
+        if corrector and last is not None and t_prev >= 0:  # 3. UniC: correct x with x0
+            x_last, t_last, k = last
+            x = unipc_update(
+                x_last, x0s[:k], lambdas[:k], lambda_t, *_ratios(diffusion, t_last, t), bh, x0
+            )
+        x0s.insert(0, x0)
+        lambdas.insert(0, lambda_t)
+        if t_prev < 0:
+            x = x0
+        else:  # 4. UniP: predict the next point with as much history as allowed
+            k = unipc_order(order, i, n, lower_order_final)
+            last = (x, t, k)
+            ratio, alpha_prev = _ratios(diffusion, t, t_prev)
+            x = unipc_update(
+                x, x0s[:k], lambdas[:k], _lambda(diffusion, t_prev), ratio, alpha_prev, bh
+            )
+        del x0s[order:], lambdas[order:]
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+SAMPLERS = {
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "dpm-solver": dpm_solver_sample,
+    "unipc": unipc_sample,
+}
 
 
 def sample(
@@ -384,7 +528,9 @@ def sample(
         options["eta"] = config.eta
     if config.sampler == "ddpm":
         options["variance"] = config.variance
-    if config.sampler == "dpm-solver":
+    if config.sampler in ("dpm-solver", "unipc"):
         options["order"] = config.order
         options["lower_order_final"] = config.lower_order_final
+    if config.sampler == "unipc":
+        options["bh"] = config.bh
     return SAMPLERS[config.sampler](model, diffusion, shape, **options, **inputs)

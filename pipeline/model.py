@@ -9,12 +9,12 @@ the evaluation's scores as tags. Then, offline on the SQLite store as on a serve
     images = model.predict(pd.DataFrame({"num_images": [4, 2], "seed": [0, 1]}))
     # uint8 (6, 32, 32, 3): row 1's four images, then row 2's two
 
-Every column but ``num_images`` is optional and defaults to the experiment's ``sample``
-settings (``sampler``, ``steps``, ``eta``, ``spacing``, ``clip_x0``, ``guidance_scale``,
-``seed``; ``class`` for conditional models), so image i of a seed is the image ``sample``
-writes for that seed. ``mlflow models serve -m models:/ddpm-cifar10-cars/1 --env-manager
-local`` serves the same over HTTP. The model is logged from code (:mod:`pipeline.pyfunc`),
-with ``ddpm`` copied in, so it loads without this project on the path.
+Every column but ``num_images`` is optional and defaults to the experiment's ``sample`` settings
+(``sampler``, ``steps``, ``eta``, ``spacing``, ``order``, ``bh``, ``clip_x0``,
+``guidance_scale``, ``seed``; ``class`` for conditional models), so image i of a seed is the
+image ``sample`` writes for that seed. ``mlflow models serve -m models:/ddpm-cifar10-cars/1
+--env-manager local`` serves the same over HTTP. The model is logged from code
+(:mod:`pipeline.pyfunc`), with ``ddpm`` copied in, so it loads without this project on the path.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def signature(image_size: int, conditional: bool):
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
     kinds = {"seed": "long", "sampler": "string", "steps": "long", "eta": "double",
-             "spacing": "string", "clip_x0": "boolean", "guidance_scale": "double"}  # fmt: skip
+             "spacing": "string", "order": "long", "bh": "string", "clip_x0": "boolean",
+             "guidance_scale": "double"}  # fmt: skip
     if conditional:
         kinds["class"] = "long"
     columns = [ColSpec("long", "num_images")]

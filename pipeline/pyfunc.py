@@ -23,8 +23,8 @@ from ddpm.generation import generate, image_labels
 from ddpm.pixels import to_uint8
 
 # request column -> the type a served JSON request may turn it into
-SAMPLER_COLUMNS = {"sampler": str, "steps": int, "eta": float, "spacing": str,
-                   "clip_x0": bool, "guidance_scale": float}  # fmt: skip
+SAMPLER_COLUMNS = {"sampler": str, "steps": int, "eta": float, "spacing": str, "order": int,
+                   "bh": str, "clip_x0": bool, "guidance_scale": float}  # fmt: skip
 
 
 def _given(row: Any, column: str) -> bool:
@@ -37,9 +37,10 @@ class ImageGenerator(mlflow.pyfunc.PythonModel):
     """predict(DataFrame) -> uint8 (N, H, W, 3): every row's images, in row order.
 
     A row holds ``num_images`` and optionally ``seed``, ``sampler``, ``steps``, ``eta``,
-    ``spacing``, ``clip_x0``, ``guidance_scale`` and (conditional models) ``class``; what it
-    leaves out is the experiment's own ``sample`` setting. Image i of a seed is the image the
-    sample stage writes as ``samples/images/<i>.png`` for that seed and those settings.
+    ``spacing``, ``order``, ``bh``, ``clip_x0``, ``guidance_scale`` and (conditional models)
+    ``class``; what it leaves out is the experiment's own ``sample`` setting. Image i of a seed
+    is the image the sample stage writes as ``samples/images/<i>.png`` for that seed and those
+    settings.
     """
 
     def load_context(self, context) -> None:

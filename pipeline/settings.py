@@ -185,12 +185,15 @@ class _Point(Section):
     steps: int
     spacing: Spacing | None
     order: int | None
+    bh: str | None
 
     @property
     def series(self) -> str:
         """The line this point belongs to: the sampler (``dpm-solver-3`` when the point sets an
-        order other than 2), and the spacing when the point sets one."""
+        order other than 2, ``unipc-bh1`` when it sets bh1), and the spacing when the point
+        sets one."""
         name = self.sampler if self.order in (None, 2) else f"{self.sampler}-{self.order}"
+        name = name if self.bh in (None, "bh2") else f"{name}-{self.bh}"
         return name if self.spacing is None else f"{name}:{self.spacing}"
 
     def sampler_config(self, sample: SampleParams) -> SamplerConfig:

@@ -19,7 +19,7 @@ from ddpm.config import DiffusionConfig, EMAConfig, TrainConfig
 from ddpm.data.synthetic import make_synthetic
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.pixels import to_float
-from ddpm.samplers import ddim_sample, dpm_solver_sample
+from ddpm.samplers import ddim_sample, dpm_solver_sample, unipc_sample
 from ddpm.train import Dataset, Hooks, train, validation_loss
 from ddpm.unet import UNet
 
@@ -105,7 +105,10 @@ def test_a_tiny_unet_memorises_four_images_and_ddim_samples_land_on_them(tmp_pat
                            generator=torch.Generator().manual_seed(1))  # fmt: skip
         dpm3 = dpm_solver_sample(ema.module, diffusion, shape, steps=10, order=3,
                                  generator=torch.Generator().manual_seed(1))  # fmt: skip
-    for samples in (ddim, dpm3):  # DDIM at 20 steps, DPM-Solver++ of third order at 10
+        unipc = unipc_sample(ema.module, diffusion, shape, steps=10, order=3,
+                             generator=torch.Generator().manual_seed(1))  # fmt: skip
+    # DDIM at 20 steps, DPM-Solver++ and UniPC of third order at 10
+    for samples in (ddim, dpm3, unipc):
         nearest = rms(samples, train_x).min(dim=1)
         # Every sample is unambiguously one training image (nearer it than half the smallest
         # gap between two of them), the typical one within 0.1 (5% of the range), and the

@@ -44,6 +44,7 @@ PARAMS = project_params(
                 {"sampler": "ddim", "steps": 4},
                 {"sampler": "dpm-solver", "steps": 2},
                 {"sampler": "ddim", "steps": 4, "spacing": "quadratic"},
+                {"sampler": "unipc", "steps": 4, "order": 3},
             ],
         },
     }
@@ -68,7 +69,7 @@ def test_the_frontier_scores_every_point_and_writes_what_a_person_reads(project)
     assert tree["num_images"] == 12 and "NOT real" in tree["label"]
     series = tree["series"]
     assert {k: sorted(v, key=int) for k, v in series.items()} == {
-        "ddim": ["2", "4"], "dpm-solver": ["2"], "ddim:quadratic": ["4"],
+        "ddim": ["2", "4"], "dpm-solver": ["2"], "ddim:quadratic": ["4"], "unipc-3": ["4"],
     }  # fmt: skip
     # NFE: one network evaluation per visited timestep; quadratic at T = 20 visits [16, 7, 1, 0]
     assert [series["ddim"]["2"]["nfe"], series["ddim"]["4"]["nfe"]] == [2, 4]
@@ -81,10 +82,10 @@ def test_the_frontier_scores_every_point_and_writes_what_a_person_reads(project)
                                    "seconds"]  # fmt: skip
     assert [r.split("\t")[:3] for r in rows[1:]] == [
         ["ddim", "2", "2"], ["ddim", "4", "4"], ["dpm-solver", "2", "2"],
-        ["ddim:quadratic", "4", "4"],
+        ["ddim:quadratic", "4", "4"], ["unipc-3", "4", "4"],
     ]  # fmt: skip
-    with Image.open(project / "frontier" / "grid.png") as grid:  # 4 rows of 3 images at 2x
-        assert grid.height == 4 * (32 + 2) + 2
+    with Image.open(project / "frontier" / "grid.png") as grid:  # 5 rows of 3 images at 2x
+        assert grid.height == 5 * (32 + 2) + 2
     with Image.open(project / "frontier" / "fid_vs_nfe.png") as figure:
         assert figure.size == (520, 360) and len(set(figure.getdata())) > 10
     assert "ddim:quadratic" in result.output and "NFE" in result.output  # the closing table

@@ -200,11 +200,15 @@ def test_more_steps_resume_the_same_run_unless_the_lr_curve_depends_on_them(sche
     assert (keys[0] == keys[1]) is same
 
 
-def test_a_third_order_dpm_solver_point_is_a_line_of_its_own():
-    """The default frontier draws DPM-Solver++ of third order at 10 and 20 steps, named
-    dpm-solver-3 in the figure and the metrics; order 2, the default, keeps the plain name."""
+def test_third_order_dpm_solver_and_unipc_points_are_lines_of_their_own():
+    """The default frontier draws DPM-Solver++ of third order and UniPC at 10 and 20 steps,
+    named dpm-solver-3 and unipc in the figure and the metrics; order 2 and bh2, the defaults,
+    keep the plain name, other choices name themselves."""
     points = load_params(ROOT / "params.yaml").frontier.points
     series = {(p.series, p.steps) for p in points}
     assert {("dpm-solver-3", 10), ("dpm-solver-3", 20), ("dpm-solver", 10)} <= series
+    assert {("unipc", 10), ("unipc", 20)} <= series
     explicit = FrontierPoint(sampler="dpm-solver", steps=10, order=2, spacing="logsnr")
     assert explicit.series == "dpm-solver:logsnr"
+    assert FrontierPoint(sampler="unipc", steps=10, order=3, bh="bh1").series == "unipc-3-bh1"
+    assert FrontierPoint(sampler="unipc", steps=10, bh="bh2").series == "unipc"

@@ -85,6 +85,11 @@ def test_the_trained_model_is_a_registered_pyfunc_that_generates_the_sample_stag
     assert np.array_equal(images[:2], written[:2]) and np.array_equal(images[2:], written)
     other = model.predict(pd.DataFrame({"num_images": [2], "seed": [1], "sampler": ["ddpm"]}))
     assert other.shape == (2, 16, 16, 3) and not np.array_equal(other, written[:2])
+    unipc = {"num_images": [1], "sampler": ["unipc"], "steps": [5]}
+    assert model.predict(pd.DataFrame({**unipc, "order": [3], "bh": ["bh1"]})).shape[0] == 1
+    for column, value in (("order", 4), ("bh", "bh3")):  # the columns reach the sampler's check
+        with pytest.raises(Exception, match=column):
+            model.predict(pd.DataFrame({**unipc, column: [value]}))
     with pytest.raises(Exception, match="at least one image"):
         model.predict(pd.DataFrame({"num_images": [0]}))
     served = serve_and_post("models:/tiny-ddpm/1", uri, {"dataframe_records": [{"num_images": 2}]})
