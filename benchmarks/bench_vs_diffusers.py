@@ -11,7 +11,8 @@ every round), so that a shared machine's noise falls on both alike; every figure
    DDPM-1000, DDIM-50, DPM-Solver++-20 (orders 2 and 3) and UniPC-20 (order 3, its corrector
    included) and extrapolated to the whole run; ``--full`` runs the whole samplers instead
    (hours on a CPU; meant for a GPU). Each sampler's own work per step (goal: at most 1% of a
-   forward) is also timed exactly, with a network that costs nothing; the DDIM-50 vs DDPM-1000
+   forward) is also timed exactly, with a network that costs nothing, and so is the nll
+   stage's variational bound (goal: at most 5% of a forward); the DDIM-50 vs DDPM-1000
    cost ratio is computed from it and the bare forward, so that the forward's noise (a 6 s
    call on a shared CPU) does not swamp a difference of milliseconds.
 3. Both data feeds of ``ddpm.feed`` (index, flip, scale a cars-sized uint8 split: held on the
@@ -43,6 +44,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -60,6 +62,8 @@ from ddpm.config import SamplerConfig, UNetConfig
 from ddpm.diffusers_format import state_to_diffusers, unet_config_to_diffusers
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.feed import DeviceFeed, StreamFeed, draw
+from ddpm.generation import image_generators
+from ddpm.likelihood import variational_bound
 from ddpm.pixels import to_uint8
 from ddpm.progress import Progress
 from ddpm.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, unipc_sample
@@ -106,12 +110,14 @@ CELL: dict[str, Callable[[Figure], str]] = {
     "step": lambda f: f"{f.seconds * 1e3:.0f} ms ({f.rate:.1f} img/s)",
     "sampler step": lambda f: f"{f.seconds * 1e3:.0f} ms/step",
     "own work": lambda f: f"{f.seconds * 1e3:.2f} ms/step",
+    "nll work": lambda f: f"{f.seconds * 1e3:.2f} ms/step",
     "feed": lambda f: f"{f.rate:,.0f} img/s",
     "full": lambda f: f"{f.rate:.2f} img/s",
     "gpu": lambda f: f"{f.rate:,.0f} img/s, MFU {f.mfu:.1%}",
 }
 OWN_WORK_GOAL = 0.01  # a sampler's own work per step, over one network forward
-RATIO = {"own work": "{:.4f}", "feed": "{:,.0f}x"}  # the rest: "{:.2f}"
+NLL_GOAL = 0.05  # the variational bound's own arithmetic per step, over one network forward
+RATIO = {"own work": "{:.4f}", "nll work": "{:.4f}", "feed": "{:,.0f}x"}  # else "{:.2f}"
 
 
 def parse_args() -> argparse.Namespace:
@@ -352,7 +358,29 @@ def sampler_step_rows(
             Row(what, "sampler step", Figure(step, batch), None, step / forward, note, name)
         )
     noisy = totals["DDIM-50"] / totals["DDPM-1000"] * 20
-    return rows + own_work_rows(forward, noisy, batch, device)
+    return rows + own_work_rows(forward, noisy, batch, device) + nll_rows(forward, batch, device)
+
+
+@torch.no_grad()
+def nll_rows(forward: float, batch: int, device: torch.device, steps: int = 50) -> list[Row]:
+    """The nll stage's own work per step: :func:`ddpm.likelihood.variational_bound` (noise
+    from one generator per image, q_sample, the KL or decoder term) with a network that costs
+    nothing, over ``steps`` kept steps; the ratio is over one bare forward at the same batch."""
+    diffusion = GaussianDiffusion().to(device)
+    x0 = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    stride = diffusion.num_timesteps // steps
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        variational_bound(FreeNetwork(), diffusion, x0.to(device), stride=stride,
+                          generator=image_generators(0, range(batch)))  # fmt: skip
+        sync(device)
+        times.append((time.perf_counter() - start) / steps)
+    per_step = statistics.median(times)
+    note = (f"stride {stride} ({steps} steps), a zero-cost network, median of 3 bounds; "
+            f"ratio over a forward; goal <= {NLL_GOAL}")  # fmt: skip
+    what = f"nll: the bound's own work / step, batch {batch}"
+    return [Row(what, "nll work", Figure(per_step, batch), None, per_step / forward, note, "nll")]
 
 
 def own_work_rows(forward: float, noisy: float, batch: int, device: torch.device) -> list[Row]:
@@ -638,6 +666,11 @@ def gpu_verdict(rows: list[Row]) -> list[str]:
 def interpretation(rows: list[Row], gpu: bool) -> list[str]:
     """Plain sentences on the targets, read off the rows' numbers."""
     lines = training_verdict(rows) + sampler_verdict(rows) + ddim_loop_verdict(rows)
+    for row in rows:
+        if row.kind == "nll work":
+            ok = "met" if row.ratio <= NLL_GOAL else "not met"
+            lines.append(f"The nll stage's own work is {row.ratio:.2%} of a network forward "
+                         f"per step; goal <= {NLL_GOAL:.0%} {ok}.")  # fmt: skip
     for row in rows:
         if row.kind == "feed":
             ok = "met" if row.ratio >= 10 else "not met"
