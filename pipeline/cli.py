@@ -130,6 +130,25 @@ def frontier(
 
 
 @app.command()
+def nll(
+    params: Path = PARAMS,
+    models: Path = MODELS,
+    data: Path = typer.Option(Path("data/prepared"), "--data", help="Prepared data (nll.split)."),
+    metrics: Path = METRICS,
+) -> None:
+    """The variational bound of held-out images in bits per dimension (the papers' NLL).
+
+    Scores the first nll.num_images images of nll.split (test: CIFAR-10's test batch) with
+    the weights and x0 clipping of the sample settings, over every step (nll.stride: 1) or
+    every k-th. Writes metrics/nll.json (bits/dim, its standard error, the prior and decoder
+    terms) and metrics/nll_terms.tsv (dvc plots show metrics/nll_terms.tsv: bits per step).
+    """
+    from pipeline.nll import nll_stage
+
+    nll_stage(params, models, data, metrics)
+
+
+@app.command()
 def track(
     params: Path = PARAMS,
     data: Path = REFERENCE,

@@ -45,7 +45,8 @@ EVAL_NOT_LOGGED = {"reference_images", "steps"}  # numbers in eval.json that are
 FRONTIER_NOT_LOGGED = {"nfe", "images_per_second"}  # nfe is the step
 # the sample settings (samples/manifest.json) the pyfunc defaults to: the sampler's and these
 MODEL_SETTINGS = (*SamplerConfig.model_fields, "weights", "classes", "bf16", "batch_size", "seed")
-STAGES = ("train", "sample", "evaluate", "frontier")  # the stages with a record, in DAG order
+STAGES = ("train", "sample", "evaluate", "frontier", "nll")  # the stages with a record
+NLL_LOGGED = ("bpd", "bpd_stderr", "prior_bpd", "decoder_bpd", "num_images")
 
 
 @dataclass(frozen=True)
@@ -189,11 +190,24 @@ def frontier_record(layout: Layout) -> Record:
     return Record("frontier", metrics, [dataset], [(p, "frontier") for p in files])
 
 
+def nll_record(layout: Layout) -> Record:
+    """metrics/nll.json (``nll/bpd``, ...) and metrics/nll_terms.tsv (``nll/term_bpd`` with
+    the timestep as the step: the UI charts where the bits go)."""
+    path, terms = layout.metrics / "nll.json", layout.metrics / "nll_terms.tsv"
+    summary = _json(path)
+    metrics: Series = {f"nll/{key}": [(0, float(summary[key]))] for key in NLL_LOGGED}
+    rows = [line.split("\t") for line in terms.read_text().splitlines()[1:]]
+    metrics["nll/term_bpd"] = [(int(t), float(bpd)) for t, bpd in rows]
+    dataset = (_manifest(layout), summary["split"], "evaluation")
+    return Record("nll", metrics, [dataset], [(path, "nll"), (terms, "nll")])
+
+
 RECORDS = {
     "train": (train_record, "train.json"),
     "sample": (sample_record, "sample.json"),
     "evaluate": (evaluate_record, "eval.json"),
     "frontier": (frontier_record, "frontier.json"),
+    "nll": (nll_record, "nll.json"),
 }
 
 

@@ -32,6 +32,7 @@ from ddpm.config import (
     Spacing,
     TrainConfig,
     UNetConfig,
+    Variance,
 )
 from ddpm.data.sources import NATIVE_SIZES
 from pipeline.errors import ParamsError
@@ -135,7 +136,7 @@ class SampleParams(SamplerConfig):
 class EvaluateParams(Section):
     """Section ``evaluate``: torch-fidelity metrics of the samples against a prepared split."""
 
-    reference_split: Literal["train", "val"] = Field(
+    reference_split: Literal["train", "val", "test"] = Field(
         description="The prepared split the samples are compared with."
     )
     fid: bool = Field(description="Frechet Inception Distance.")
@@ -226,6 +227,28 @@ class FrontierParams(Section):
     points: list[FrontierPoint] = Field(min_length=1, description="sampler + steps each.")
 
 
+class NLLParams(Section):
+    """Section ``nll``: the variational bound of held-out images, in bits per dimension."""
+
+    split: Literal["test", "val", "train"] = Field(
+        description="The prepared split scored: test (held out, as the papers report; CIFAR-10 "
+        "only), val, or train."
+    )
+    num_images: int | None = Field(
+        ge=2, description="The first N images of the split; null: all of them."
+    )
+    batch_size: int = Field(ge=1, description="Images per forward pass.")
+    stride: int = Field(
+        ge=1,
+        description="1: the exact bound over all T steps; k: the bound of the chain over steps "
+        "0, k, 2k, .. (betas recomputed on them): valid, looser, k times cheaper.",
+    )
+    variance: Variance | None = Field(
+        description="The reverse process's variance: posterior (beta-tilde) or beta; null: "
+        "the model's own, sample.variance (the DDPM sampler's)."
+    )
+
+
 class RegistryParams(Section):
     """Section ``registry``: the MLflow model registry."""
 
@@ -262,6 +285,7 @@ class Params(Section):
     sample: SampleParams
     evaluate: EvaluateParams
     frontier: FrontierParams
+    nll: NLLParams
     registry: RegistryParams
 
     def unet_config(self, num_classes: int | None = None) -> UNetConfig:
@@ -288,6 +312,12 @@ class Params(Section):
     def _check(self) -> Params:
         """Every check that spans keys, so a bad combination fails before any stage works."""
         problems = self._data_problems() + self._sampling_problems()
+        T = self.diffusion.timesteps
+        if self.nll.stride > T - 1:
+            problems.append(
+                f"nll.stride={self.nll.stride} is more than T - 1 = {T - 1} (diffusion.timesteps"
+                f" - 1); choose 1 (the exact bound) to {T - 1}"
+            )
         try:  # the UNet's own geometry checks
             self.unet_config(num_classes=1 if self.model.conditional else None)
         except ValidationError as exc:

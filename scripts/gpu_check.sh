@@ -7,7 +7,8 @@
 #
 # 1. tests/gpu (on CUDA; with --dry on the CPU through DDPM_GPU_TESTS_DEVICE=cpu)
 # 2. the stage commands on the default 35.7M network at 32 px (scripts/stage_run.py): prepare
-#    synthetic data, train 2,000 steps, sample 1,000 images, evaluate; each stage timed
+#    synthetic data, train 2,000 steps, sample 1,000 images, evaluate, the bound of 200 images
+#    (nll); each stage timed
 # 3. benchmarks/bench_gpu.py: training img/s (eager, compiled), MFU, peak memory; sampling
 #    img/s and the samplers' overhead at batch 256, bf16 against fp32; FID of 10,000 images
 # 4. OUT/report.md and OUT/report.json: every step's status and time, the figures; beside
@@ -55,7 +56,7 @@ if [ "$DRY" = "--dry" ]; then
     --set train.val_every=4 --set train.checkpoint_every=4 --set train.sample_every=8
     --set sample.num_images=16 --set sample.batch_size=16 --set sample.steps=4
     --set sample.grid_images=16 --set evaluate.kid=false --set evaluate.isc=false
-    --stages download,prepare,train,sample,evaluate)
+    --stages download,prepare,train,sample,evaluate,nll)
   BENCH_ARGS=(--dry)
 else
   LIMITS=(150 200 200)

@@ -55,6 +55,12 @@ def stage_lines(stages: dict | None) -> list[str]:
     if ev:
         lines.append(f"- eval.json: FID {ev.get('fid', float('nan')):.2f} of "
                      f"{ev.get('num_images')} images ({ev.get('label', '')})")  # fmt: skip
+    nll = stages.get("nll_metrics") or {}
+    if nll:
+        lines.append(f"- nll.json: {nll.get('bpd', float('nan')):.4f} +- "
+                     f"{nll.get('bpd_stderr', float('nan')):.4f} bits/dim of "
+                     f"{nll.get('num_images')} {nll.get('split')} images, stride "
+                     f"{nll.get('stride')}")  # fmt: skip
     return lines
 
 

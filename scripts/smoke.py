@@ -72,6 +72,8 @@ OVERRIDES = {
         "feature_extractor_weights": "weights/inception-untrained.pth",
     },
     "registry": {"enabled": True, "model_name": "ddpm-smoke"},  # track registers the model
+    # synthetic data has no test files; 20 images x every 10th of 200 steps: 400 evaluations
+    "nll": {"split": "val", "num_images": 20, "batch_size": 20, "stride": 10},
     "frontier": {  # two samplers at two step counts
         "num_images": 25,
         "batch_size": 25,

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from smoke import OVERRIDES as SMOKE  # noqa: E402
 from smoke import merge  # noqa: E402
 
-STAGES = ("download", "prepare", "train", "sample", "evaluate", "frontier")
+STAGES = ("download", "prepare", "train", "sample", "evaluate", "frontier", "nll")
 WEIGHTS = "weights/inception-untrained.pth"
 # The default experiment's network (35.7M, 32 px) on the synthetic set: 2,000 training steps at
 # batch 128, 1,000 images from DDIM-100 at batch 256, scored against the training split.
@@ -53,6 +53,8 @@ GPU = {
         "batch_size": 250,
         "points": [{"sampler": "ddim", "steps": 10}, {"sampler": "dpm-solver", "steps": 10}],
     },
+    # the bound of 200 val images over every 10th step: 20,000 evaluations at batch 200
+    "nll": {"split": "val", "num_images": 200, "batch_size": 200, "stride": 10},
 }
 PRESETS = {"gpu": GPU, "smoke": SMOKE}
 
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", dest="settings", type=setting, action="append", default=[],
         metavar="KEY=VALUE", help="A params override, e.g. train.steps=20.",
     )  # fmt: skip
-    parser.add_argument("--stages", default="download,prepare,train,sample,evaluate",
+    parser.add_argument("--stages", default="download,prepare,train,sample,evaluate,nll",
                         help=f"Comma-separated, in order, of {', '.join(STAGES)}.")  # fmt: skip
     parser.add_argument("--report", type=Path, help="Write the timings as JSON here.")
     args = parser.parse_args(argv)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_stages(work, stages)
     ok = len(results) == len(stages) and all(r["exit_code"] == 0 for r in results.values())
     report = {"preset": args.preset, "ok": ok, "stages": results, "params": params}
-    for name in ("train", "eval"):
+    for name in ("train", "eval", "nll"):
         path = work / "metrics" / f"{name}.json"
         if path.exists():
             report[f"{name}_metrics"] = json.loads(path.read_text())

@@ -34,14 +34,16 @@ def test_the_gpu_check_dry_run_passes_and_reports_every_step(tmp_path):
     tests = report["tests"]
     assert tests["passed"] >= 9 and tests["failures"] == tests["errors"] == 0  # ran on the CPU
     stages = report["stages"]["stages"]
-    assert list(stages) == ["download", "prepare", "train", "sample", "evaluate"]
+    assert list(stages) == ["download", "prepare", "train", "sample", "evaluate", "nll"]
     assert report["stages"]["train_metrics"]["steps"] == 8
+    assert report["stages"]["nll_metrics"]["stride"] == 10
     bench = report["bench"]
     assert bench["training"]["eager"]["images_per_second"] > 0
     assert bench["sampling"]["weights"].endswith("models/ema.pt")  # the run's trained model
     assert bench["fid"]["seconds_cached_reference"] > 0 and bench["verdicts"]
     text = (out / "report.md").read_text()
     assert "| tests | 0 |" in text and "train bf16 eager" in text and "FID+KID+IS" in text
+    assert "bits/dim of 15 val images, stride 10" in text
 
 
 def test_a_failed_step_fails_the_check_and_the_others_still_run(tmp_path):

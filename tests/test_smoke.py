@@ -70,6 +70,12 @@ def test_smoke_pipeline_writes_finite_metrics(smoke):
     assert evaluation["num_images"] == 50 and evaluation["sampler"] == "ddim"
     assert "NOT real" in json.dumps(evaluation)  # untrained Inception weights are labelled
     assert len(list((smoke / "samples" / "images").glob("*.png"))) == 50
+    nll = json.loads((smoke / "metrics" / "nll.json").read_text())  # bits/dim of 20 val images
+    assert (nll["split"], nll["num_images"], nll["stride"]) == ("val", 20, 10)
+    assert 0 < nll["bpd"] < 20 and nll["bpd_stderr"] > 0, nll
+    terms = (smoke / "metrics" / "nll_terms.tsv").read_text().splitlines()
+    assert terms[0] == "t\tbpd" and [row.split("\t")[0] for row in terms[1:3]] == ["0", "10"]
+    assert len(terms) == 1 + 200 // 10
 
 
 def test_smoke_pipeline_logs_one_mlflow_run_with_params_metrics_and_artifacts(smoke):
@@ -79,9 +85,11 @@ def test_smoke_pipeline_logs_one_mlflow_run_with_params_metrics_and_artifacts(sm
     assert run.data.params["dataset"] == "synthetic" and run.data.params["schedule"] == "linear"
     assert run.data.metrics["train/steps"] == 150
     assert math.isfinite(run.data.metrics["eval/fid"])
+    assert math.isfinite(run.data.metrics["nll/bpd"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"weights", "previews", "curves"} <= artifacts, artifacts
     assert run.data.tags["stage.train"] == run.data.tags["stage.evaluate"] == "done"
+    assert run.data.tags["stage.nll"] == "done"
 
 
 def test_a_run_whose_stages_dvc_restored_holds_what_the_run_whose_stages_ran_holds(smoke):
@@ -92,7 +100,7 @@ def test_a_run_whose_stages_dvc_restored_holds_what_the_run_whose_stages_ran_hol
     copy = smoke.parent / "as-built"
     (copy / "dvc.lock").unlink()
     done = dvc(copy, "repro")
-    for stage in ("prepare", "train", "evaluate", "frontier"):
+    for stage in ("prepare", "train", "evaluate", "frontier", "nll"):
         assert f"Running stage '{stage}'" not in done.stdout, done.stdout
     assert "Running stage 'track'" in done.stdout
     (ran,), (restored,) = mlflow_runs(smoke, name_prefix="repro-")[1], mlflow_runs(copy)[1]

@@ -74,30 +74,38 @@ def read_cifar10(archive: Path) -> Cifar10:
 def cifar10_cars(
     archive: Path, *, image_size: int = SIZE, val_size: int = 750, seed: int = 0
 ) -> Extracted:
-    """The automobile class of the training batches, split into train and val by a seeded shuffle.
+    """The automobile class of the training batches, split into train and val by a seeded
+    shuffle, and of the published test batch as ``test`` (held out for likelihoods).
 
-    The official archive gives 5,000 cars: 4,250 train and 750 val with the defaults. Labels
-    are all 0, ``class_names == ["automobile"]``.
+    The official archive gives 5,000 cars: 4,250 train and 750 val with the defaults, and 1,000
+    test. Labels are all 0, ``class_names == ["automobile"]``.
     """
     check_image_size(image_size, SIZE, "cifar10-cars")
     data = read_cifar10(archive)
     label = data.class_names.index(CARS)
     images = resize_images(data.train.images[data.train.labels == label], image_size)
     splits = seeded_split(images, np.zeros(len(images), dtype=np.int64), val_size, seed)
-    info = {"class_filter": {"class": CARS, "cifar10_label": label}}
+    test = resize_images(data.test.images[data.test.labels == label], image_size)
+    splits["test"] = make_split(test, np.zeros(len(test), dtype=np.int64))
+    info = {"class_filter": {"class": CARS, "cifar10_label": label},
+            "test_source": "the published test_batch"}  # fmt: skip
     return Extracted(splits, [CARS], info)
 
 
 def cifar10_full(archive: Path, *, image_size: int = SIZE) -> Extracted:
-    """All ten classes with labels: ``train`` is the five training batches, ``val`` the
-    published test batch (50,000 and 10,000 images)."""
+    """All ten classes with labels: ``train`` is the five training batches, ``val`` and
+    ``test`` both the published test batch (50,000 and 10,000 images): val as before, test by
+    the name every data set's held-out split has."""
     check_image_size(image_size, SIZE, "cifar10")
     data = read_cifar10(archive)
+    test = make_split(resize_images(data.test.images, image_size), data.test.labels)
     splits = {
         "train": make_split(resize_images(data.train.images, image_size), data.train.labels),
-        "val": make_split(resize_images(data.test.images, image_size), data.test.labels),
+        "val": test,
+        "test": test,
     }
-    return Extracted(splits, data.class_names, {"val_source": "the published test_batch"})
+    info = {"val_source": "the published test_batch", "test_source": "the published test_batch"}
+    return Extracted(splits, data.class_names, info)
 
 
 def _read_members(archive: Path) -> dict[str, bytes]:

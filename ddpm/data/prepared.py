@@ -1,6 +1,7 @@
 """The prepared-split format: written atomically, loaded in one read per array.
 
-A prepared folder holds, for each split ``S`` (``train`` and ``val``)::
+A prepared folder holds, for each split ``S`` (``train``, ``val`` and, where the data set has
+test files, ``test``)::
 
     S_images.npy    uint8 [N, H, W, 3]   RGB, channels last, H = W = image_size
     S_labels.npy    int64 [N]            index into class_names, -1 where there are no classes
@@ -112,7 +113,7 @@ def load_prepared(root: Path, split: str = "train", mmap: bool = False) -> Prepa
 
     Args:
         root: the prepared folder (holds manifest.json).
-        split: a split named in the manifest, ``train`` or ``val``.
+        split: a split named in the manifest: ``train``, ``val`` or ``test``.
         mmap: leave the images on disk: ``images`` is then a read-only ``np.memmap`` (N, H, W, 3)
             whose pages are read when used (the labels are loaded).
 

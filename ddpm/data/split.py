@@ -69,7 +69,8 @@ class Extracted(NamedTuple):
     """A data set turned into arrays, ready to be written by :func:`ddpm.data.write_prepared`.
 
     Attributes:
-        splits: ``{"train": Split, "val": Split}``.
+        splits: ``{"train": Split, "val": Split}``, and ``"test"`` where the data set has its
+            own test files (CIFAR-10's test_batch).
         class_names: the name of each label (empty when the source has no classes).
         info: what the manifest records: dataset, image_size, seed, source, ...
     """

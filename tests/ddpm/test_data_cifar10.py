@@ -48,6 +48,18 @@ def test_cars_are_the_automobile_class_split_by_a_seeded_shuffle(cifar10_archive
     assert not train_ids & val_ids and len(train_ids | val_ids) == 20
 
 
+def test_the_cars_test_split_is_the_test_batchs_cars_in_order(cifar10_archive):
+    """Held-out images for likelihoods: the published test batch's cars, none of train's."""
+    data = cifar10_cars(cifar10_archive[0], val_size=5, seed=3)
+    test = data.splits["test"]
+    assert len(test.images) == PER_BATCH // 10 and np.all(test.labels == 0)
+    assert np.all(test.images[..., 0] == 20 * CIFAR10_CLASSES.index("automobile"))
+    everything = read_cifar10(cifar10_archive[0])
+    cars = everything.test.images[everything.test.labels == CIFAR10_CLASSES.index("automobile")]
+    assert np.array_equal(test.images, cars)
+    assert data.info["test_source"] == "the published test_batch"
+
+
 def test_the_cars_split_is_deterministic_in_the_seed(cifar10_archive):
     def val(seed: int) -> np.ndarray:
         return cifar10_cars(cifar10_archive[0], val_size=5, seed=seed).splits["val"].images
@@ -63,6 +75,8 @@ def test_full_cifar10_keeps_labels_and_uses_the_test_batch_for_val(cifar10_archi
     assert len(train.labels) == 5 * PER_BATCH and len(val.labels) == PER_BATCH
     assert np.bincount(train.labels).tolist() == [5 * PER_BATCH // 10] * 10
     assert np.array_equal(val.images[:, 9, 9, 0], 20 * val.labels)
+    test = data.splits["test"]  # the same batch by the held-out split's name
+    assert np.array_equal(test.images, val.images) and np.array_equal(test.labels, val.labels)
 
 
 def test_smaller_image_sizes_are_downscaled_larger_ones_refused(cifar10_archive):

@@ -76,6 +76,7 @@ TINY_PROJECT = project_params(
                    "gif_images": 2, "gif_frames": 2, "interpolation": False},
         "evaluate": {"reference_split": "val", "kid_subset_size": 4, "isc_splits": 2,
                      "batch_size": 16},
+        "nll": {"split": "val", "num_images": 4, "batch_size": 4, "stride": 5},
         "registry": {"enabled": True, "model_name": "tiny-ddpm"},
     }
 )  # fmt: skip

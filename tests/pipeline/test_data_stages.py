@@ -72,7 +72,7 @@ def test_cifar10_cars_downloads_from_a_mirror_and_prepares(tmp_path, serve, cifa
     assert len(server.ranges) == 2  # valid archive present: no request at all
     result = run(tmp_path, "prepare", params)
     assert result.exit_code == 0, result.output
-    assert "cifar10-cars 32x32, 1 classes: train 15, val 5" in result.output
+    assert "cifar10-cars 32x32, 1 classes: train 15, val 5, test 4" in result.output
     val = load_prepared(tmp_path / "data" / "prepared", "val")
     assert val.manifest["source"] == {"url": server.url, "archive": archive.name, "md5": md5}
     assert val.manifest["seed"] == 1 and val.manifest["class_names"] == ["automobile"]

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 import pipeline.download
 import pipeline.evaluate
 import pipeline.frontier
+import pipeline.nll
 import pipeline.prepare
 import pipeline.sample
 import pipeline.track
@@ -33,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 MODULES = {"download": pipeline.download, "prepare": pipeline.prepare, "train": pipeline.train,
            "sample": pipeline.sample, "evaluate": pipeline.evaluate,
-           "frontier": pipeline.frontier, "track": pipeline.track}  # fmt: skip
+           "frontier": pipeline.frontier, "nll": pipeline.nll,
+           "track": pipeline.track}  # fmt: skip
 
 PARAMS = merge(TINY_PROJECT, {"frontier": {"num_images": 6, "batch_size": 6, "grid_images": 2}})
 
@@ -155,3 +157,4 @@ def test_every_setting_a_stage_reads_is_one_of_its_params_in_dvc_yaml(
     assert "sample.steps" not in read_by["frontier"]  # each point names its own steps
     assert {"train.lr", "ema.decay", "model.base_channels", "schedule"} <= read_by["train"]
     assert not any(n.startswith("sample.") for n in read_by["train"])
+    assert {"nll.stride", "sample.clip_x0", "sample.variance"} <= read_by["nll"]

@@ -1,0 +1,175 @@
+"""The variational bound on the negative log-likelihood, in bits per dimension.
+
+Ho et al. 2020, eq. 5: -log p(x0) <= L = L_T + sum_{t>1} L_{t-1} + L_0, with
+- L_T = KL(q(x_T | x0) || N(0, I)), the prior term;
+- L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), two Gaussians (eq. 6-7);
+- L_0 = -log p(x0 | x1), a Gaussian discretised to the 256 pixel values (eq. 13): data in
+  [-1, 1], bins of width 2/255, the first and last bins open to -inf and +inf.
+
+Every term is averaged over dimensions and divided by ln 2 (bits per dimension). The definition
+and edge cases are improved-diffusion's ``calc_bpd_loop`` (Nichol & Dhariwal 2021): one noise
+draw per image and step, the posterior's log-variance clipped at the first step (its variance
+there, 0, is replaced by the second step's), and with the variance beta its first entry is also
+that beta-tilde. The normal CDF is exact here (``torch.special.ndtr``) where improved-diffusion
+uses a tanh approximation.
+
+``stride`` k > 1 bounds the likelihood of the strided chain over the kept steps 0, k, 2k, ..
+(improved-diffusion's respacing): its betas are recomputed from alpha-bar on the kept steps, so
+it is a valid bound of a shorter Markov chain, looser than the full one and k times cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ddpm.config import Variance
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.noise import Generators, randn
+
+LN2 = math.log(2.0)
+HALF_BIN = 1.0 / 255.0  # half the width of a pixel's bin on [-1, 1]
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """The mean over every dimension but the first: (B, ...) -> (B,)."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(
+    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats:
+    (logvar2 - logvar1 + (e^logvar1 + (mean1 - mean2)^2) / e^logvar2 - 1) / 2."""
+    spread = torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    return 0.5 * (logvar2 - logvar1 + spread - 1.0)
+
+
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
+) -> torch.Tensor:
+    """log P(x) per element for x on the 256 values k / 127.5 - 1 of [-1, 1] under
+    N(mean, e^(2 log_scale)) discretised to bins of width 2/255 (Ho et al. 2020, eq. 13); the
+    bin of -1 reaches down to -inf and that of 1 up to +inf, so the 256 probabilities sum to 1.
+    """
+    inv_std = torch.exp(-log_scale)
+    upper = inv_std * (x - mean + HALF_BIN)
+    lower = inv_std * (x - mean - HALF_BIN)
+    log_cdf_upper = torch.special.log_ndtr(upper)  # log P(X < upper edge)
+    log_sf_lower = torch.special.log_ndtr(-lower)  # log P(X > lower edge)
+    inside = (torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, inside))
+
+
+class Chain(NamedTuple):
+    """The (strided) forward chain the bound runs on, float64 tables indexed by kept step."""
+
+    steps: list[int]  # the kept timesteps of the diffusion: 0, k, 2k, ..
+    abar: torch.Tensor  # alpha-bar at each kept step
+    coef_x0: torch.Tensor  # the posterior mean's coefficients (Ho et al. 2020, eq. 7)
+    coef_xt: torch.Tensor
+    log_variance: dict[str, torch.Tensor]  # posterior (clipped) and beta: log sigma^2
+
+
+def strided_chain(diffusion: GaussianDiffusion, stride: int = 1) -> Chain:
+    """The chain over timesteps 0, stride, 2 stride, .. < T, with beta_i = 1 - abar_i /
+    abar_{i-1} recomputed on it (abar_{-1} = 1); stride 1 is the diffusion itself."""
+    if not 1 <= stride <= diffusion.num_timesteps - 1:
+        raise ValueError(
+            f"stride={stride}: choose 1 (the exact bound) to {diffusion.num_timesteps - 1}"
+        )
+    steps = list(range(0, diffusion.num_timesteps, stride))
+    abar = diffusion.alphas_cumprod64[steps]
+    abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    betas = 1 - abar / abar_prev
+    posterior = betas * (1 - abar_prev) / (1 - abar)  # beta-tilde; 0 at the first step
+    clipped = torch.cat([posterior[1:2], posterior[1:]])
+    large = torch.cat([posterior[1:2], betas[1:]])
+    return Chain(
+        steps=steps,
+        abar=abar,
+        coef_x0=abar_prev.sqrt() * betas / (1 - abar),
+        coef_xt=(1 - betas).sqrt() * (1 - abar_prev) / (1 - abar),
+        log_variance={"posterior": clipped.log(), "beta": large.log()},
+    )
+
+
+class Bound(NamedTuple):
+    """The bound of each image, in bits per dimension, and its parts."""
+
+    total: torch.Tensor  # (B,): prior + the sum of terms
+    terms: torch.Tensor  # (B, n): per kept step, ascending; terms[:, 0] is the decoder's
+    prior: torch.Tensor  # (B,)
+
+    @property
+    def decoder(self) -> torch.Tensor:
+        """(B,): -log p(x0 | x1) in bits per dimension."""
+        return self.terms[:, 0]
+
+
+def prior_bpd(chain: Chain, x0: torch.Tensor) -> torch.Tensor:
+    """KL(q(x_T | x0) || N(0, I)) in bits per dimension, x_T at the chain's last step. (B,)"""
+    abar, x0 = float(chain.abar[-1]), x0.double()  # float64: the KL is tiny, its terms not
+    mean, logvar = math.sqrt(abar) * x0, torch.full_like(x0, math.log1p(-abar))
+    return mean_flat(normal_kl(mean, logvar, torch.zeros_like(x0), torch.zeros_like(x0))) / LN2
+
+
+def step_bpd(
+    chain: Chain,
+    i: int,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    x0_pred: torch.Tensor,
+    variance: Variance,
+) -> torch.Tensor:
+    """L_{i-1} of kept step i in bits per dimension, given the model's x0 prediction at x_t:
+    the Gaussian KL from the true posterior for i >= 1, the decoder's NLL for i = 0. (B,)"""
+    cx0, cxt = float(chain.coef_x0[i]), float(chain.coef_xt[i])
+    model_mean = cx0 * x0_pred + cxt * x_t
+    model_logvar = float(chain.log_variance[variance][i])
+    if i == 0:
+        log_scale = torch.full_like(x0, 0.5 * model_logvar)
+        return -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, log_scale)) / LN2
+    true_mean = cx0 * x0 + cxt * x_t
+    true_logvar = torch.full_like(x0, float(chain.log_variance["posterior"][i]))
+    kl = normal_kl(true_mean, true_logvar, model_mean, torch.full_like(x0, model_logvar))
+    return mean_flat(kl) / LN2
+
+
+@torch.no_grad()
+def variational_bound(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    *,
+    stride: int = 1,
+    variance: Variance = "posterior",
+    clip_x0: bool = True,
+    y: torch.Tensor | None = None,
+    generator: Generators = None,
+    on_step: Callable[[], None] | None = None,
+) -> Bound:
+    """The bound on -log p(x0) of each image of x0 (B, C, H, W) in [-1, 1], in bits/dim.
+
+    One network evaluation per kept step and image (``on_step`` is called after each), from
+    the last step down; each step draws its own noise for x_t ~ q(x_t | x0) from ``generator``
+    (one per image gives every image the same bound whatever its batch). The predicted x0 is
+    clamped to [-1, 1] with ``clip_x0``, as the samplers do.
+    """
+    chain = strided_chain(diffusion, stride)
+    x0 = x0.float()
+    terms = torch.zeros(x0.shape[0], len(chain.steps), dtype=torch.float64, device=x0.device)
+    for i in reversed(range(len(chain.steps))):
+        t = torch.full((x0.shape[0],), chain.steps[i], device=x0.device, dtype=torch.long)
+        x_t = diffusion.q_sample(x0, t, randn(tuple(x0.shape), generator, x0.device))
+        out = model(x_t, t) if y is None else model(x_t, t, y)
+        x0_pred, _ = diffusion.split_prediction(out.float(), x_t, t, clip_x0=clip_x0)
+        terms[:, i] = step_bpd(chain, i, x0, x_t, x0_pred, variance).double()
+        if on_step is not None:
+            on_step()
+    prior = prior_bpd(chain, x0).double()
+    return Bound(total=terms.sum(dim=1) + prior, terms=terms, prior=prior)
