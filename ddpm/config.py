@@ -16,13 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 ScheduleName = Literal["linear", "cosine", "sigmoid", "dns"]
 Prediction = Literal["eps", "x0", "v"]
-LossType = Literal["l2", "l1"]
+LossType = Literal["l2", "l1", "hybrid", "vlb"]
 AttentionType = Literal["softmax", "linear"]
 DownsamplePadding = Literal["asymmetric", "symmetric"]
 SamplerName = Literal["ddpm", "ddim", "dpm-solver", "unipc"]
 BH = Literal["bh1", "bh2"]
 Spacing = Literal["leading", "linspace", "trailing", "quadratic", "logsnr"]
-Variance = Literal["posterior", "beta"]
+Variance = Literal["posterior", "beta", "learned"]
 
 
 class _Frozen(BaseModel):
@@ -69,6 +69,16 @@ class UNetConfig(_Frozen):
     num_classes: int | None = Field(
         None, ge=1, description="Classes for conditioning; None for an unconditional model."
     )
+    learn_sigma: bool = Field(
+        False,
+        description="Learned variances (Nichol & Dhariwal 2021): twice the output channels, the "
+        "second half interpolating log beta-tilde_t and log beta_t; train with loss hybrid.",
+    )
+
+    @property
+    def out_channels(self) -> int:
+        """The network's output channels: the image's, twice with learned variances."""
+        return self.in_channels * (2 if self.learn_sigma else 1)
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -112,7 +122,12 @@ class DiffusionConfig(_Frozen):
     schedule: ScheduleName = Field("linear", description="Noise schedule of beta_t.")
     timesteps: int = Field(1000, ge=2, description="Number of diffusion steps T.")
     prediction: Prediction = Field("eps", description="What the network predicts: eps, x0 or v.")
-    loss: LossType = Field("l2", description="Distance between prediction and target.")
+    loss: LossType = Field(
+        "l2",
+        description="l2 or l1: the distance between prediction and target (L_simple); hybrid: "
+        "l2 + 0.001 L_vlb, the bound training only the learned variances (Nichol & Dhariwal "
+        "2021); vlb: the bound alone.",
+    )
     min_snr_gamma: float | None = Field(
         None, gt=0.0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); None: off."
     )
@@ -202,7 +217,11 @@ class SamplerConfig(_Frozen):
         "(the DDIM paper's CIFAR-10 steps) or logsnr (uniform in log-SNR, DPM-Solver's), which "
         "visit a repeated timestep once, so they may take fewer network evaluations than steps.",
     )
-    variance: Variance = Field("posterior", description="ddpm: beta-tilde or beta.")
+    variance: Variance = Field(
+        "posterior",
+        description="ddpm: beta-tilde (posterior), beta, or the model's learned variance "
+        "(learned: models with learn_sigma).",
+    )
     order: Literal[1, 2, 3] = Field(
         2,
         description="dpm-solver, unipc: the multistep order. dpm-solver: 1 is DDIM, 2 "
@@ -230,11 +249,14 @@ class SamplerConfig(_Frozen):
         """A short name for tables and logs, e.g. ``ddim-50``."""
         return f"{self.sampler}-{self.steps}"
 
-    def problems(self, num_timesteps: int, conditional: bool) -> list[str]:
-        """What a model with ``num_timesteps`` steps, ``conditional`` or not, cannot do with
-        these settings, one line each (the fields are named bare; callers prefix their
-        section). The one place these limits are written: params.yaml is checked with them
-        against its own diffusion, and the sample and frontier stages against the checkpoint.
+    def problems(
+        self, num_timesteps: int, conditional: bool, learns_sigma: bool = False
+    ) -> list[str]:
+        """What a model with ``num_timesteps`` steps, ``conditional`` or not, with learned
+        variances or not, cannot do with these settings, one line each (the fields are named
+        bare; callers prefix their section). The one place these limits are written:
+        params.yaml is checked with them against its own diffusion, and the sample and
+        frontier stages against the checkpoint.
         """
         problems = []
         if self.steps > num_timesteps:
@@ -246,5 +268,10 @@ class SamplerConfig(_Frozen):
             problems.append(
                 f"guidance_scale={self.guidance_scale} needs a class-conditional model; this one "
                 "is unconditional: set it to 1.0"
+            )
+        if self.variance == "learned" and not learns_sigma:
+            problems.append(
+                "variance=learned needs a model with learned variances (model.learn_sigma: "
+                "true); this one has fixed ones: choose posterior or beta"
             )
         return problems

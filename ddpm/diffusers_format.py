@@ -129,6 +129,8 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     """The UNet2DModel config of the same function as our UNet ``cfg``."""
     if cfg.attention_type != "softmax":
         raise ConversionError("linear attention has no diffusers UNet2DModel equivalent")
+    if cfg.learn_sigma:
+        raise ConversionError("learned variances (learn_sigma) are not exported to diffusers")
     widths = [cfg.base_channels * m for m in cfg.channel_mults]
     attn = [r in cfg.attention_resolutions for r in cfg.resolutions]
     head_dims = {w // cfg.num_heads for w, a in zip(widths, attn, strict=True) if a}

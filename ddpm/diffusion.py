@@ -25,7 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.config import DiffusionConfig
+from ddpm.gaussians import (
+    LN2,
+    discretized_gaussian_log_likelihood,
+    learned_log_variance,
+    mean_flat,
+    normal_kl,
+)
 from ddpm.schedules import make_betas
+
+HYBRID_LAMBDA = 0.001  # the weight of L_vlb in the hybrid objective (Nichol & Dhariwal 2021)
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -71,12 +80,20 @@ class GaussianDiffusion(nn.Module):
         betas = make_betas(self.config.schedule, self.config.timesteps)  # float64 (T,)
         abar = torch.cumprod(1 - betas, dim=0)
         self.alphas_cumprod64 = abar  # a CPU float64 copy for the samplers' scalar lookups
+        abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+        post = posterior_coefficients(abar, abar_prev)  # q(x_{t-1} | x_t, x0); variance 0 at t=0
         tables = {
             "betas": betas,
             "alphas_cumprod": abar,
             "sqrt_alphas_cumprod": abar.sqrt(),
             "sqrt_one_minus_alphas_cumprod": (1 - abar).sqrt(),
             "snr": abar / (1 - abar),
+            "posterior_coef_x0": post.coef_x0,
+            "posterior_coef_xt": post.coef_xt,
+            # log beta-tilde with its 0 at t = 0 replaced by beta-tilde_1 (improved-diffusion's
+            # clipping), and log beta: the two ends of a learned variance
+            "posterior_log_variance": torch.cat([post.variance[1:2], post.variance[1:]]).log(),
+            "log_betas": betas.log(),
         }
         for name, table in tables.items():
             self.register_buffer(name, table.float(), persistent=False)
@@ -172,6 +189,45 @@ class GaussianDiffusion(nn.Module):
         divisor = {"x0": torch.ones_like(snr), "eps": snr, "v": snr + 1}[self.config.prediction]
         return clipped / divisor
 
+    # Learned variances (Nichol & Dhariwal 2021)
+    @staticmethod
+    def split_output(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the prediction, v or None): a network with learned variances outputs twice the
+        image's ``channels``, its second half v in [-1, 1] (a tanh-free raw output, as in
+        improved-diffusion)."""
+        if out.shape[1] == 2 * channels:
+            return out[:, :channels], out[:, channels:]
+        return out, None
+
+    def model_log_variance(self, t: torch.Tensor, v: torch.Tensor | None, shape) -> torch.Tensor:
+        """log Sigma_theta(x_t, t): learned from v (:func:`ddpm.gaussians.learned_log_variance`),
+        or, for a fixed-variance model, the clipped log beta-tilde."""
+        low = extract(self.posterior_log_variance, t, shape)
+        if v is None:
+            return low.expand(shape)
+        return learned_log_variance(v, low, extract(self.log_betas, t, shape))
+
+    def vb_bits(
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        x0_pred: torch.Tensor,
+        log_variance: torch.Tensor,
+    ) -> torch.Tensor:
+        """The bound's term L_{t-1} of each example in bits per dimension (B,): the Gaussian KL
+        from q(x_{t-1} | x_t, x0) to the model's N(mean(x0_pred), e^log_variance) where t > 0,
+        the discretised decoder's -log p(x0 | x1) where t = 0 (Ho et al. 2020, eq. 5)."""
+        coef_x0 = extract(self.posterior_coef_x0, t, x0.shape)
+        coef_xt = extract(self.posterior_coef_xt, t, x0.shape)
+        true_mean, model_mean = coef_x0 * x0 + coef_xt * x_t, coef_x0 * x0_pred + coef_xt * x_t
+        true_log_variance = extract(self.posterior_log_variance, t, x0.shape).expand(x0.shape)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, model_mean, log_variance)) / LN2
+        decoder = -mean_flat(
+            discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * log_variance)
+        ) / LN2  # fmt: skip
+        return torch.where(t == 0, decoder, kl)
+
     def training_losses(
         self,
         model: nn.Module,
@@ -179,13 +235,31 @@ class GaussianDiffusion(nn.Module):
         t: torch.Tensor,
         noise: torch.Tensor,
         y: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Weighted per-example loss, shape (B,): mean over pixels of |f(x_t, t) - target|^p."""
+    ) -> dict[str, torch.Tensor]:
+        """The per-example terms, each (B,): ``mse``, the weighted mean over pixels of
+        |f(x_t, t) - target|^p (p = 1 for loss l1), ``vb``, the bound's term at t in bits/dim
+        (hybrid and vlb only), and ``loss``, what training minimises:
+
+        - l2, l1: mse (L_simple, Ho et al. 2020, eq. 14);
+        - hybrid: mse + lambda T vb, lambda = 0.001, with the mean in vb detached so that the
+          bound trains only the variance (Nichol & Dhariwal 2021, sec. 3.1, eq. 16);
+        - vlb: T vb, an unbiased estimate of the whole bound L_vlb.
+        """
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, t) if y is None else model(x_t, t, y)
+        out, v = self.split_output(out.float(), x0.shape[1])
         target = self.target(x0, t, noise)
-        if self.config.loss == "l2":
-            per_pixel = F.mse_loss(out.float(), target, reduction="none")
+        if self.config.loss == "l1":
+            per_pixel = F.l1_loss(out, target, reduction="none")
         else:
-            per_pixel = F.l1_loss(out.float(), target, reduction="none")
-        return per_pixel.mean(dim=tuple(range(1, x0.ndim))) * self.loss_weight(t)
+            per_pixel = F.mse_loss(out, target, reduction="none")
+        terms = {"mse": mean_flat(per_pixel) * self.loss_weight(t)}
+        if self.config.loss in ("l2", "l1"):
+            return terms | {"loss": terms["mse"]}
+        hybrid = self.config.loss == "hybrid"
+        x0_pred, _ = self.split_prediction(out.detach() if hybrid else out, x_t, t)
+        log_variance = self.model_log_variance(t, v, x0.shape)
+        terms["vb"] = self.vb_bits(x0, x_t, t, x0_pred, log_variance)
+        T = self.num_timesteps
+        loss = terms["mse"] + HYBRID_LAMBDA * T * terms["vb"] if hybrid else T * terms["vb"]
+        return terms | {"loss": loss}

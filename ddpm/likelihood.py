@@ -29,40 +29,14 @@ from torch import nn
 
 from ddpm.config import Variance
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.gaussians import (
+    LN2,
+    discretized_gaussian_log_likelihood,
+    learned_log_variance,
+    mean_flat,
+    normal_kl,
+)
 from ddpm.noise import Generators, randn
-
-LN2 = math.log(2.0)
-HALF_BIN = 1.0 / 255.0  # half the width of a pixel's bin on [-1, 1]
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """The mean over every dimension but the first: (B, ...) -> (B,)."""
-    return x.mean(dim=tuple(range(1, x.ndim)))
-
-
-def normal_kl(
-    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
-) -> torch.Tensor:
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats:
-    (logvar2 - logvar1 + (e^logvar1 + (mean1 - mean2)^2) / e^logvar2 - 1) / 2."""
-    spread = torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    return 0.5 * (logvar2 - logvar1 + spread - 1.0)
-
-
-def discretized_gaussian_log_likelihood(
-    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
-) -> torch.Tensor:
-    """log P(x) per element for x on the 256 values k / 127.5 - 1 of [-1, 1] under
-    N(mean, e^(2 log_scale)) discretised to bins of width 2/255 (Ho et al. 2020, eq. 13); the
-    bin of -1 reaches down to -inf and that of 1 up to +inf, so the 256 probabilities sum to 1.
-    """
-    inv_std = torch.exp(-log_scale)
-    upper = inv_std * (x - mean + HALF_BIN)
-    lower = inv_std * (x - mean - HALF_BIN)
-    log_cdf_upper = torch.special.log_ndtr(upper)  # log P(X < upper edge)
-    log_sf_lower = torch.special.log_ndtr(-lower)  # log P(X > lower edge)
-    inside = (torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12).log()
-    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, inside))
 
 
 class Chain(NamedTuple):
@@ -73,6 +47,7 @@ class Chain(NamedTuple):
     coef_x0: torch.Tensor  # the posterior mean's coefficients (Ho et al. 2020, eq. 7)
     coef_xt: torch.Tensor
     log_variance: dict[str, torch.Tensor]  # posterior (clipped) and beta: log sigma^2
+    log_beta: torch.Tensor  # log beta, unclipped: the upper end of a learned variance
 
 
 def strided_chain(diffusion: GaussianDiffusion, stride: int = 1) -> Chain:
@@ -95,6 +70,7 @@ def strided_chain(diffusion: GaussianDiffusion, stride: int = 1) -> Chain:
         coef_x0=abar_prev.sqrt() * betas / (1 - abar),
         coef_xt=(1 - betas).sqrt() * (1 - abar_prev) / (1 - abar),
         log_variance={"posterior": clipped.log(), "beta": large.log()},
+        log_beta=betas.log(),
     )
 
 
@@ -125,18 +101,25 @@ def step_bpd(
     x_t: torch.Tensor,
     x0_pred: torch.Tensor,
     variance: Variance,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L_{i-1} of kept step i in bits per dimension, given the model's x0 prediction at x_t:
-    the Gaussian KL from the true posterior for i >= 1, the decoder's NLL for i = 0. (B,)"""
+    """L_{i-1} of kept step i in bits per dimension, given the model's x0 prediction at x_t
+    (and, for a learned variance, its output v): the Gaussian KL from the true posterior for
+    i >= 1, the decoder's NLL for i = 0. (B,)"""
     cx0, cxt = float(chain.coef_x0[i]), float(chain.coef_xt[i])
     model_mean = cx0 * x0_pred + cxt * x_t
-    model_logvar = float(chain.log_variance[variance][i])
+    low = float(chain.log_variance["posterior"][i])
+    if variance == "learned":
+        if v is None:
+            raise ValueError("variance='learned' needs a model with learned variances")
+        model_logvar = learned_log_variance(v, low, float(chain.log_beta[i]))
+    else:
+        model_logvar = torch.full_like(x0, float(chain.log_variance[variance][i]))
     if i == 0:
-        log_scale = torch.full_like(x0, 0.5 * model_logvar)
+        log_scale = 0.5 * model_logvar
         return -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, log_scale)) / LN2
     true_mean = cx0 * x0 + cxt * x_t
-    true_logvar = torch.full_like(x0, float(chain.log_variance["posterior"][i]))
-    kl = normal_kl(true_mean, true_logvar, model_mean, torch.full_like(x0, model_logvar))
+    kl = normal_kl(true_mean, torch.full_like(x0, low), model_mean, model_logvar)
     return mean_flat(kl) / LN2
 
 
@@ -167,8 +150,9 @@ def variational_bound(
         t = torch.full((x0.shape[0],), chain.steps[i], device=x0.device, dtype=torch.long)
         x_t = diffusion.q_sample(x0, t, randn(tuple(x0.shape), generator, x0.device))
         out = model(x_t, t) if y is None else model(x_t, t, y)
-        x0_pred, _ = diffusion.split_prediction(out.float(), x_t, t, clip_x0=clip_x0)
-        terms[:, i] = step_bpd(chain, i, x0, x_t, x0_pred, variance).double()
+        out, v = diffusion.split_output(out.float(), x0.shape[1])
+        x0_pred, _ = diffusion.split_prediction(out, x_t, t, clip_x0=clip_x0)
+        terms[:, i] = step_bpd(chain, i, x0, x_t, x0_pred, variance, v).double()
         if on_step is not None:
             on_step()
     prior = prior_bpd(chain, x0).double()

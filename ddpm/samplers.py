@@ -20,6 +20,7 @@ from torch import nn
 
 from ddpm.config import BH, SamplerConfig, Spacing, Variance
 from ddpm.diffusion import GaussianDiffusion, posterior_coefficients
+from ddpm.gaussians import learned_log_variance
 from ddpm.noise import Generators, initial_noise, step_noise
 from ddpm.progress import Progress
 
@@ -106,6 +107,51 @@ def sampling_timesteps(diffusion: GaussianDiffusion, steps: int, spacing: Spacin
 
 
 @torch.no_grad()
+def network_output(
+    model: nn.Module,
+    x_t: torch.Tensor,
+    t: int,
+    y: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """The network's float output at step ``t`` for the whole batch x_t (B, C, H, W).
+
+    Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + s (c - u), with c the
+    output for labels y and u for the null class, both from one batched forward pass. A model
+    with learned variances (twice C channels) is guided on its first half; the variance half
+    is the conditional one (as GLIDE does).
+    """
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    if y is None:
+        return model(x_t, tt).float()
+    if guidance_scale == 1.0:
+        return model(x_t, tt, y).float()
+    null = torch.full_like(y, model.null_class)
+    both = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([y, null]))
+    cond, uncond = both.float().chunk(2)
+    channels = x_t.shape[1]
+    guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([guided, cond[:, channels:]], dim=1)
+
+
+def predict_with_variance(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    x_t: torch.Tensor,
+    t: int,
+    y: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    clip_x0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x0, eps, v) predicted at step ``t``: v is the learned-variance half of the output, or
+    None for a model with fixed variances."""
+    out = network_output(model, x_t, t, y, guidance_scale)
+    out, v = diffusion.split_output(out, x_t.shape[1])
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    x0, eps = diffusion.split_prediction(out, x_t, tt, clip_x0=clip_x0)
+    return x0, eps, v
+
+
 def predict(
     model: nn.Module,
     diffusion: GaussianDiffusion,
@@ -115,22 +161,10 @@ def predict(
     guidance_scale: float = 1.0,
     clip_x0: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) predicted at step ``t`` for the whole batch x_t (B, C, H, W).
-
-    Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + s (c - u), with c the
-    output for labels y and u for the null class, both from one batched forward pass.
-    """
-    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    if y is None:
-        out = model(x_t, tt)
-    elif guidance_scale == 1.0:
-        out = model(x_t, tt, y)
-    else:
-        null = torch.full_like(y, model.null_class)
-        both = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([y, null]))
-        cond, uncond = both.float().chunk(2)
-        out = uncond + guidance_scale * (cond - uncond)
-    return diffusion.split_prediction(out.float(), x_t, tt, clip_x0=clip_x0)
+    """(x0, eps) predicted at step ``t`` for the whole batch x_t (B, C, H, W), with guidance
+    when labels and a scale are given (:func:`network_output`)."""
+    x0, eps, _ = predict_with_variance(model, diffusion, x_t, t, y, guidance_scale, clip_x0)
+    return x0, eps
 
 
 def _abar(diffusion: GaussianDiffusion, t: int) -> torch.Tensor:
@@ -146,21 +180,27 @@ def ddpm_step(
     t_prev: int,
     noise: torch.Tensor | None,
     variance: Variance = "posterior",
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ancestral step x_t -> x_{t_prev} (Ho et al. 2020, Algorithm 2, respaced).
 
     The mean is q(x_{t_prev} | x_t, x0)'s (eq. 7); the variance is the posterior beta-tilde or
-    beta (both in sec. 3.2). No noise is added on the last step (t_prev = -1).
+    beta (both in sec. 3.2), or the model's learned one, which interpolates the two in log
+    space by its output ``v`` (Nichol & Dhariwal 2021, eq. 15), both taken between t and
+    t_prev, so a respaced chain uses its own betas. No noise is added on the last step
+    (t_prev = -1).
     """
     post = posterior_coefficients(_abar(diffusion, t), _abar(diffusion, t_prev))
     mean = float(post.coef_x0) * x0 + float(post.coef_xt) * x_t
     if t_prev < 0:
         return mean
-    var = (
-        post.variance
-        if variance == "posterior"
-        else 1 - _abar(diffusion, t) / _abar(diffusion, t_prev)
-    )
+    beta = 1 - _abar(diffusion, t) / _abar(diffusion, t_prev)
+    if variance == "learned":
+        if v is None:
+            raise ValueError("variance='learned' needs a model with learned variances")
+        log_var = learned_log_variance(v, math.log(float(post.variance)), math.log(float(beta)))
+        return mean + torch.exp(0.5 * log_var) * noise
+    var = post.variance if variance == "posterior" else beta
     return mean + math.sqrt(float(var)) * noise
 
 
@@ -218,9 +258,11 @@ def ddpm_sample(
     x = initial_noise(shape, x_T, generator, device)  # 1. x_T ~ N(0, I)
     noises = step_noise(shape, generator, device, count=len(timesteps) - 1)
     for i, (t, t_prev) in enumerate(_pairs(timesteps, progress, "ddpm")):
-        x0, _ = predict(model, diffusion, x, t, y, guidance_scale, clip_x0)  # 2. predict x0
+        x0, _, v = predict_with_variance(  # 2. predict x0 (and the variance, when learned)
+            model, diffusion, x, t, y, guidance_scale, clip_x0
+        )
         noise = next(noises) if t_prev >= 0 else None
-        x = ddpm_step(diffusion, x, x0, t, t_prev, noise, variance)  # 3. x_{t-1} ~ p(. | x_t)
+        x = ddpm_step(diffusion, x, x0, t, t_prev, noise, variance, v)  # 3. x_{t-1} ~ p(. | x_t)
         if callback is not None:
             callback(i, t, x, x0)
     return x

@@ -147,7 +147,7 @@ def validation_loss(
             noise = torch.randn(x0.shape, generator=gen).to(device)
             tt = torch.full((x0.shape[0],), t, device=device)
             y = None if labels is None else labels[i : i + batch_size]
-            total += diffusion.training_losses(model, x0, tt, noise, y).sum().item()
+            total += diffusion.training_losses(model, x0, tt, noise, y)["loss"].sum().item()
             count += x0.shape[0]
     return total / count
 
@@ -277,7 +277,7 @@ def optimizer_step(
     t = diffusion.sample_timesteps(x0.shape[0], device, gen)
     noise = torch.randn(x0.shape, device=device, generator=gen)
     with amp:
-        loss = diffusion.training_losses(net, x0, t, noise, y).mean()
+        loss = diffusion.training_losses(net, x0, t, noise, y)["loss"].mean()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip = config.grad_clip if config.grad_clip is not None else math.inf

@@ -104,7 +104,7 @@ class UNet(nn.Module):
         assert not skip_chs, "every down-path activation must be consumed by the up path"
 
         self.norm_out = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv_out = zero_init(nn.Conv2d(in_ch, config.in_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(in_ch, config.out_channels, 3, padding=1))
 
     @property
     def null_class(self) -> int | None:

@@ -67,7 +67,7 @@ def plan_points(p: Params, net: SamplingModel) -> tuple[list[Point], list[str]]:
     points, problems = [], []
     for i, entry in enumerate(p.frontier.points):
         config = entry.sampler_config(p.sample)
-        wrong = config.problems(diffusion.num_timesteps, conditional)
+        wrong = config.problems(diffusion.num_timesteps, conditional, net.model.config.learn_sigma)
         problems += prefixed(f"frontier.points[{i}].", wrong)
         if not wrong:
             visited = sampling_timesteps(diffusion, config.steps, config.spacing)

@@ -77,6 +77,9 @@ def check_inputs(
         if n.stride > T - 1:
             problems.add([f"nll.stride={n.stride} is more than the model's T - 1 = {T - 1}; "
                           f"choose 1 (the exact bound) to {T - 1}"])  # fmt: skip
+    if net is not None and n.variance == "learned" and not net.model.config.learn_sigma:
+        problems.add(["nll.variance=learned, but this model has fixed variances (trained "
+                      "without model.learn_sigma); choose posterior or beta"])  # fmt: skip
     if split is not None and min(n.num_images or len(split.images), len(split.images)) < 2:
         problems.add([f"the {n.split} split has {len(split.images)} images; the bound's "
                       "standard error needs at least 2"], params=False)  # fmt: skip
@@ -111,7 +114,8 @@ def likelihood(
     terms (t, bits/dim averaged over images)."""
     n, s = p.nll, p.sample
     count = len(split.images) if n.num_images is None else min(n.num_images, len(split.images))
-    variance = n.variance or s.variance
+    learned = net.model.config.learn_sigma
+    variance = n.variance or ("learned" if learned else s.variance)
     chain = strided_chain(net.diffusion, n.stride)
     conditional = net.model.config.num_classes is not None
     typer.echo(

@@ -149,7 +149,8 @@ def check_inputs(
 def sampler_problems(s: SampleParams, net: SamplingModel) -> list[str]:
     """The sample settings the checkpoint must allow: steps, guidance and classes."""
     num_classes = net.model.config.num_classes
-    problems = prefixed("sample.", s.problems(net.diffusion.num_timesteps, num_classes is not None))
+    T, learned = net.diffusion.num_timesteps, net.model.config.learn_sigma
+    problems = prefixed("sample.", s.problems(T, num_classes is not None, learned))
     try:
         image_labels([0], num_classes, s.classes)
     except ValueError as exc:

@@ -244,8 +244,9 @@ class NLLParams(Section):
         "0, k, 2k, .. (betas recomputed on them): valid, looser, k times cheaper.",
     )
     variance: Variance | None = Field(
-        description="The reverse process's variance: posterior (beta-tilde) or beta; null: "
-        "the model's own, sample.variance (the DDPM sampler's)."
+        description="The reverse process's variance: posterior (beta-tilde), beta, or learned "
+        "(models with learn_sigma); null: the model's own, learned where it learns them, else "
+        "sample.variance (the DDPM sampler's)."
     )
 
 
@@ -312,11 +313,16 @@ class Params(Section):
     def _check(self) -> Params:
         """Every check that spans keys, so a bad combination fails before any stage works."""
         problems = self._data_problems() + self._sampling_problems()
+        problems += self._objective_problems()
         T = self.diffusion.timesteps
         if self.nll.stride > T - 1:
             problems.append(
                 f"nll.stride={self.nll.stride} is more than T - 1 = {T - 1} (diffusion.timesteps"
                 f" - 1); choose 1 (the exact bound) to {T - 1}"
+            )
+        if self.nll.variance == "learned" and not self.model.learn_sigma:
+            problems.append(
+                "nll.variance=learned needs model.learn_sigma: true; choose posterior or beta"
             )
         try:  # the UNet's own geometry checks
             self.unet_config(num_classes=1 if self.model.conditional else None)
@@ -325,6 +331,21 @@ class Params(Section):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _objective_problems(self) -> list[str]:
+        """Learned variances and the loss that trains them go together."""
+        loss, learned = self.diffusion.loss, self.model.learn_sigma
+        if loss == "hybrid" and not learned:
+            return [
+                "diffusion.loss=hybrid trains learned variances: set model.learn_sigma: true "
+                "(or loss l2 for fixed ones)"
+            ]
+        if learned and loss in ("l2", "l1"):
+            return [
+                f"model.learn_sigma: true with diffusion.loss={loss} never trains the variances "
+                "(only the bound does): set diffusion.loss: hybrid (or vlb)"
+            ]
+        return []
 
     def _data_problems(self) -> list[str]:
         problems = []
@@ -341,7 +362,8 @@ class Params(Section):
 
     def _sampling_problems(self) -> list[str]:
         s, e, T = self.sample, self.evaluate, self.diffusion.timesteps
-        problems = prefixed("sample.", s.problems(T, self.model.conditional))
+        learned = self.model.learn_sigma
+        problems = prefixed("sample.", s.problems(T, self.model.conditional, learned))
         if s.classes is not None and (not s.classes or min(s.classes) < 0):
             problems.append(f"sample.classes must be null or class indices >= 0; got {s.classes}")
         if not (e.fid or e.isc or e.kid or e.prc):
@@ -354,7 +376,8 @@ class Params(Section):
         problems = []
         for i, point in enumerate(f.points):
             config = point.sampler_config(self.sample)
-            problems += prefixed(f"frontier.points[{i}].", config.problems(T, conditional))
+            wrong = config.problems(T, conditional, self.model.learn_sigma)
+            problems += prefixed(f"frontier.points[{i}].", wrong)
         keys = [(p.series, p.steps) for p in f.points]
         if len(set(keys)) < len(keys):
             problems.append(f"frontier.points repeat a sampler and steps: {keys}")

@@ -9,7 +9,7 @@ from ddpm.config import DiffusionConfig, UNetConfig
     [
         ({"schedule": "cosin"}, "schedule", "'linear', 'cosine', 'sigmoid' or 'dns'"),
         ({"prediction": "noise"}, "prediction", "'eps', 'x0' or 'v'"),
-        ({"loss": "huber"}, "loss", "'l2' or 'l1'"),
+        ({"loss": "huber"}, "loss", "'l2', 'l1', 'hybrid' or 'vlb'"),
         ({"timesteps": 1}, "timesteps", "greater than or equal to 2"),
         ({"min_snr_gamma": -1.0}, "min_snr_gamma", "greater than 0"),
     ],

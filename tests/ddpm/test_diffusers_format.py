@@ -230,3 +230,14 @@ def test_ddim_gives_the_images_of_diffusers_ddim_scheduler(tmp_path):
     mine = ddim_sample(ours, diffusion, x_T.shape, steps=10, spacing="trailing", x_T=x_T)
     assert x.abs().max() > 0.1  # not a trivial all-zero result
     torch.testing.assert_close(mine, x, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [({"attention_type": "linear"}, "linear attention"), ({"learn_sigma": True}, "learn_sigma")],
+)
+def test_a_model_diffusers_cannot_hold_is_not_exported(change, words):
+    from ddpm.diffusers_format import unet_config_to_diffusers
+
+    with pytest.raises(ConversionError, match=words):
+        unet_config_to_diffusers(UNetConfig(**change))

@@ -107,9 +107,10 @@ def test_training_loss_measures_distance_to_the_target(loss, expected, predictio
     x0, noise = torch.rand(3, 3, 4, 4) * 2 - 1, torch.randn(3, 3, 4, 4)
     t = torch.tensor([0, 50, 99])
     model = Offset(diffusion, x0, noise, -0.5)
-    losses = diffusion.training_losses(model, x0, t, noise)
-    assert losses.shape == (3,)
-    torch.testing.assert_close(losses, torch.full((3,), expected))
+    terms = diffusion.training_losses(model, x0, t, noise)
+    assert set(terms) == {"mse", "loss"} and terms["loss"].shape == (3,)
+    torch.testing.assert_close(terms["loss"], torch.full((3,), expected))
+    assert terms["mse"] is terms["loss"]
 
 
 def test_sample_timesteps_is_uniform_and_seeded():

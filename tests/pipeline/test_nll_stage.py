@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from stages import enter_project, prepare_split, project_params
+from stages import TINY_PROJECT, enter_project, merge, prepare_split, project_params
 from typer.testing import CliRunner
 
 from ddpm.checkpoint import load_sampling_model
@@ -117,3 +117,30 @@ def test_a_stride_past_the_chain_is_a_params_error(project):
     set_params(nll={"stride": 20})
     result = runner.invoke(app, ["nll"])
     assert result.exit_code == 2 and "nll.stride=20 is more than T - 1 = 19" in result.output
+
+
+def test_a_hybrid_model_with_learned_variances_trains_samples_and_reports_its_bound(
+    tmp_path, monkeypatch
+):
+    """`dvc exp run -S diffusion.loss=hybrid -S model.learn_sigma=true`, stage by stage: the
+    checkpoint holds the doubled output, the DDPM sampler and the bound use its variances."""
+    params = merge(TINY_PROJECT, {
+        "model": {"learn_sigma": True}, "diffusion": {"loss": "hybrid"},
+        "sample": {"sampler": "ddpm", "variance": "learned", "steps": 4},
+        "evaluate": {"fid": False, "kid": False, "isc": True},
+        "nll": {"split": "val", "num_images": 4, "batch_size": 4, "stride": 5, "variance": None},
+        "registry": {"enabled": False},
+    })  # fmt: skip
+    enter_project(tmp_path, prepare_split(tmp_path / "prep", params), params, monkeypatch)
+    for stage in ("train", "sample", "nll"):
+        result = runner.invoke(app, [stage])
+        assert result.exit_code == 0, (stage, result.output)
+    net = load_sampling_model(tmp_path / "models" / "ema.pt")
+    assert net.model.config.learn_sigma and net.diffusion.config.loss == "hybrid"
+    assert len(list((tmp_path / "samples" / "images").glob("*.png"))) == 6
+    summary = json.loads((tmp_path / "metrics" / "nll.json").read_text())
+    assert summary["variance"] == "learned" and math.isfinite(summary["bpd"])
+    set_params(nll={"variance": "posterior"})  # the same weights with a fixed variance
+    assert runner.invoke(app, ["nll"]).exit_code == 0
+    fixed = json.loads((tmp_path / "metrics" / "nll.json").read_text())
+    assert fixed["variance"] == "posterior" and fixed["bpd"] != summary["bpd"]

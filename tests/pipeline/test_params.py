@@ -86,6 +86,11 @@ def write(tmp_path: Path, **overrides) -> Path:
         ({"model__attention_resolutions": [3]}, ["attention_resolutions [3] are never reached"]),
         ({"train__batchsize": 64}, ["train.batchsize", "Extra inputs are not permitted"]),
         ({"image_size": 64}, ["image_size=64 is more than dataset=cifar10-cars has"]),
+        ({"diffusion__loss": "hybrid"}, ["diffusion.loss=hybrid", "model.learn_sigma: true"]),
+        ({"model__learn_sigma": True}, ["never trains the variances", "diffusion.loss: hybrid"]),
+        ({"sample__variance": "learned"}, ["sample.variance=learned needs a model with learned"]),
+        ({"nll__variance": "learned"}, ["nll.variance=learned needs model.learn_sigma: true"]),
+        ({"nll__stride": 1000}, ["nll.stride=1000 is more than T - 1 = 999"]),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_key(tmp_path, override, words):
