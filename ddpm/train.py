@@ -264,9 +264,9 @@ def optimizer_step(
     config: TrainConfig,
     rng: int,
     amp: AbstractContextManager,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step on ``batch`` (x0, labels), every other random draw seeded by ``rng``:
-    (loss, gradient norm) tensors."""
+    (its loss terms, :func:`step_terms`; the gradient norm), tensors left on the device."""
     x0, y = batch
     device = x0.device
     gen = torch.Generator(device).manual_seed(rng)
@@ -277,14 +277,48 @@ def optimizer_step(
     t = diffusion.sample_timesteps(x0.shape[0], device, gen)
     noise = torch.randn(x0.shape, device=device, generator=gen)
     with amp:
-        loss = diffusion.training_losses(net, x0, t, noise, y)["loss"].mean()
+        terms = diffusion.training_losses(net, x0, t, noise, y)
+    loss = terms["loss"].mean()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip = config.grad_clip if config.grad_clip is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
     state.optimizer.step()
     state.scheduler.step()
-    return loss.detach(), grad_norm
+    return step_terms(terms, t, diffusion.num_timesteps), grad_norm
+
+
+QUARTERS = 4  # the timestep range's quarters, each with its loss (improved-diffusion's loss_q*)
+
+
+def step_terms(
+    terms: dict[str, torch.Tensor], t: torch.Tensor, num_timesteps: int
+) -> dict[str, torch.Tensor]:
+    """A step's losses for the report, detached: the batch means of ``loss``, ``mse`` and
+    (hybrid, vlb) ``vb``, and the loss summed and counted in each quarter of the timestep
+    range (``quarter_sum``, ``quarter_count``: where the model is weak)."""
+    quarter = (t * QUARTERS // num_timesteps).clamp(max=QUARTERS - 1)
+    loss = terms["loss"].detach().float()
+    out = {name: value.detach().float().mean() for name, value in terms.items()}
+    out["quarter_sum"] = torch.zeros(QUARTERS, device=t.device).index_add_(0, quarter, loss)
+    out["quarter_count"] = torch.bincount(quarter, minlength=QUARTERS).float()
+    return out
+
+
+def window_terms(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """The report's ``mse``, ``vb`` (when trained) and ``loss_q0`` .. ``loss_q3`` (a quarter
+    no step drew a timestep from is left out) over the steps since the last one: one copy to
+    the CPU."""
+    names = [n for n in ("mse", "vb") if n in window[0]]
+    rows = [torch.cat([torch.stack([w[n] for n in names]), w["quarter_sum"], w["quarter_count"]])
+            for w in window]  # fmt: skip
+    total = torch.stack(rows).cpu().double()
+    means, sums = total[:, : len(names)].mean(dim=0), total[:, len(names) :].sum(dim=0)
+    out = {name: float(value) for name, value in zip(names, means, strict=True)}
+    for k in range(QUARTERS):
+        if sums[QUARTERS + k] > 0:
+            out[f"loss_q{k}"] = float(sums[k] / sums[QUARTERS + k])
+    return out
 
 
 def checked_losses(window: list[torch.Tensor], step: int, last: Path) -> torch.Tensor:
@@ -357,6 +391,7 @@ class _Loop:
         bf16 = self.config.bf16 and device.type == "cuda"
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
         self.step, self.best, self.window = 0, _Best(math.inf, self.config), []
+        self.terms: list[dict[str, torch.Tensor]] = []  # each step's, since the last report
         self.grad_norm = torch.tensor(math.nan)  # of the last step
 
     def resume(self, source: Path | None, why_not: str) -> None:
@@ -415,14 +450,16 @@ class _Loop:
         return draw(rng, self.num_images, self.config.batch_size, self.config.hflip)
 
     def take_step(self) -> torch.Tensor:
-        """One optimizer step on this step's batch; its loss (left on the device)."""
+        """One optimizer step on this step's batch; its loss (left on the device; the other
+        terms wait in ``self.terms`` for the report)."""
         rng = step_seed(self.seed, self.dist.rank, self.step)
         batch = self.feed.batch(self.step)
-        loss, self.grad_norm = optimizer_step(
+        terms, self.grad_norm = optimizer_step(
             self.state, self.net, self.diffusion, batch, self.config, rng, self.amp
         )
+        self.terms.append(terms)
         self.step += 1
-        return loss
+        return terms["loss"]
 
     def update_ema(self) -> None:
         self.state.ema.update(self.state.model, self.step)
@@ -440,8 +477,9 @@ class _Loop:
         written."""
         losses = checked_losses(self.window, self.step, self.last)
         seen = len(self.window) * self.config.batch_size * self.dist.world_size
-        self.window = []
-        return {
+        terms = window_terms(self.terms)
+        self.window, self.terms = [], []
+        return terms | {
             "loss": float(losses.mean()),
             "lr": self.state.scheduler.get_last_lr()[0],
             "grad_norm": float(self.grad_norm),

@@ -33,6 +33,9 @@ Series = dict[str, list[tuple[int, float]]]  # metric name (with its group) -> (
 CURVES = {  # the train stage's step curves: file -> columns
     "train_curve.tsv": ["step", "loss", "lr", "grad_norm", "images_per_second", "ema_decay"],
     "val_curve.tsv": ["step", "val_loss"],
+    # the loss's terms: L_simple, and the loss in each quarter of the timestep range
+    "loss_terms.tsv": ["step", "mse", "loss_q0", "loss_q1", "loss_q2", "loss_q3"],
+    "vb_curve.tsv": ["step", "vb"],  # the bound's term (hybrid, vlb); empty for l2 and l1
 }
 TRAIN_SUMMARY = {  # train.json key -> metric name
     "steps": "steps",

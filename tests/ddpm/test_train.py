@@ -287,3 +287,16 @@ def test_a_cosine_run_does_not_resume_with_another_length(tmp_path, data):
         run(tmp_path, data, short(steps=12, lr_schedule="cosine"))
     resumed, *_ = run(tmp_path, data, short(steps=6, lr_schedule="cosine"))
     assert resumed.resumed_from_step == 6  # the same length: nothing to do, nothing refused
+
+
+def test_the_report_averages_each_term_and_the_loss_of_each_quarter_of_the_timesteps():
+    from ddpm.train import step_terms, window_terms
+
+    # T = 100: quarters [0, 25), [25, 50), [50, 75), [75, 100); nothing drawn in the third
+    first = step_terms({"loss": torch.tensor([1.0, 3.0]), "mse": torch.tensor([1.0, 3.0]),
+                        "vb": torch.tensor([0.5, 0.7])}, torch.tensor([0, 24]), 100)  # fmt: skip
+    second = step_terms({"loss": torch.tensor([5.0, 7.0]), "mse": torch.tensor([4.0, 6.0]),
+                         "vb": torch.tensor([0.1, 0.3])}, torch.tensor([30, 99]), 100)  # fmt: skip
+    report = window_terms([first, second])
+    assert report == pytest.approx({"mse": 3.5, "vb": 0.4, "loss_q0": 2.0, "loss_q1": 5.0,
+                                    "loss_q3": 7.0})  # fmt: skip

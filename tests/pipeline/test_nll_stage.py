@@ -137,6 +137,8 @@ def test_a_hybrid_model_with_learned_variances_trains_samples_and_reports_its_bo
         assert result.exit_code == 0, (stage, result.output)
     net = load_sampling_model(tmp_path / "models" / "ema.pt")
     assert net.model.config.learn_sigma and net.diffusion.config.loss == "hybrid"
+    vb = (tmp_path / "metrics" / "vb_curve.tsv").read_text().splitlines()  # its bound's term
+    assert vb[0] == "step\tvb" and vb[1:] and all(float(r.split("\t")[1]) > 0 for r in vb[1:])
     assert len(list((tmp_path / "samples" / "images").glob("*.png"))) == 6
     summary = json.loads((tmp_path / "metrics" / "nll.json").read_text())
     assert summary["variance"] == "learned" and math.isfinite(summary["bpd"])

@@ -116,6 +116,12 @@ def test_train_writes_checkpoints_metrics_curves_and_an_mlflow_run(project):
     curve = (project / "metrics" / "train_curve.tsv").read_text().splitlines()
     assert curve[0].split("\t")[:2] == ["step", "loss"] and len(curve) == 3
     assert (project / "metrics" / "val_curve.tsv").read_text().splitlines()[1].startswith("4\t")
+    # l2: the loss is L_simple, so mse is the loss; the bound's curve has a header only
+    terms = (project / "metrics" / "loss_terms.tsv").read_text().splitlines()
+    assert terms[0].split("\t") == ["step", "mse", "loss_q0", "loss_q1", "loss_q2", "loss_q3"]
+    losses = {row.split("\t")[0]: row.split("\t")[1] for row in curve[1:]}
+    assert terms[1:] and all(row.split("\t")[1] == losses[row.split("\t")[0]] for row in terms[1:])
+    assert (project / "metrics" / "vb_curve.tsv").read_text() == "step\tvb\n"
     weights = load_checkpoint(project / "models" / "ema.pt")
     assert weights["step"] == 8 and weights["config"]["unet"]["base_channels"] == 16
     assert set(weights["ema"]) == {f"module.{k}" for k in weights["model"]} | {"num_updates"}
