@@ -69,6 +69,12 @@ class UNetConfig(_Frozen):
     num_classes: int | None = Field(
         None, ge=1, description="Classes for conditioning; None for an unconditional model."
     )
+    scale_shift_norm: bool = Field(
+        False,
+        description="Residual blocks condition on the timestep by scale and shift after their "
+        "second norm, norm(h) (1 + scale) + shift (improved-diffusion, diffusers' scale_shift); "
+        "false: by adding the embedding before it (the DDPM paper).",
+    )
     learn_sigma: bool = Field(
         False,
         description="Learned variances (Nichol & Dhariwal 2021): twice the output channels, the "

@@ -34,7 +34,6 @@ FIXED = {
     "time_embedding_type": "positional",
     "flip_sin_to_cos": False,
     "mid_block_scale_factor": 1,
-    "resnet_time_scale_shift": "default",
     "add_attention": True,
     "class_embed_type": None,
     "num_train_timesteps": None,
@@ -47,7 +46,9 @@ USED = {
     "sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
     "down_block_types", "up_block_types", "norm_num_groups", "norm_eps", "downsample_padding",
     "freq_shift", "attention_head_dim", "dropout", "num_class_embeds", "attn_norm_num_groups",
+    "resnet_time_scale_shift",
 }  # fmt: skip
+SCALE_SHIFT = {"default": False, "scale_shift": True}  # resnet_time_scale_shift -> ours
 OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 PREDICTIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
@@ -106,6 +107,18 @@ def unet_config_from_diffusers(config: dict[str, Any]) -> UNetConfig:
         raise ConversionError("attn_norm_num_groups must be null or equal norm_num_groups")
     attn_levels = [i for i, b in enumerate(down) if b.startswith("Attn")]
     classes = config.get("num_class_embeds")
+    shift = config.get("resnet_time_scale_shift", "default")
+    if shift not in SCALE_SHIFT:
+        raise ConversionError(
+            f"resnet_time_scale_shift={shift!r} is not supported; it must be one of "
+            f"{list(SCALE_SHIFT)}"
+        )
+    if SCALE_SHIFT[shift] and config.get("attn_norm_num_groups") is None:
+        # diffusers then builds its middle attention without a GroupNorm; ours has one
+        raise ConversionError(
+            "resnet_time_scale_shift='scale_shift' needs attn_norm_num_groups set (without it "
+            "the middle attention has no norm, which our UNet always has)"
+        )
     return UNetConfig(
         image_size=size,
         in_channels=config["in_channels"],
@@ -122,6 +135,7 @@ def unet_config_from_diffusers(config: dict[str, Any]) -> UNetConfig:
         else "symmetric",
         time_freq_shift=config.get("freq_shift", 0),
         num_classes=None if classes is None else classes - 1,  # the last row: our null class
+        scale_shift_norm=SCALE_SHIFT[shift],
     )
 
 
@@ -156,7 +170,9 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "attention_head_dim": None if cfg.num_heads == 1 else head_dims.pop(),
         "dropout": cfg.dropout,
         "num_class_embeds": None if cfg.num_classes is None else cfg.num_classes + 1,
-        "attn_norm_num_groups": None,
+        # with scale_shift, diffusers' middle attention keeps its norm only when this is set
+        "attn_norm_num_groups": cfg.num_groups if cfg.scale_shift_norm else None,
+        "resnet_time_scale_shift": "scale_shift" if cfg.scale_shift_norm else "default",
     }
 
 

@@ -104,7 +104,9 @@ class ResBlock(nn.Module):
     """Residual block conditioned on the timestep embedding (Ho et al. 2020).
 
     h = conv(SiLU(GN(x))) + W emb; out = skip(x) + conv(dropout(SiLU(GN(h)))), with skip a
-    1x1 conv when the channel count changes and the second conv zero-initialised.
+    1x1 conv when the channel count changes and the second conv zero-initialised. With
+    ``scale_shift`` (improved-diffusion's use_scale_shift_norm) the embedding gives (scale,
+    shift) instead and GN(h) becomes GN(h) (1 + scale) + shift.
     """
 
     def __init__(
@@ -115,11 +117,13 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         num_groups: int = 32,
         eps: float = 1e-6,
+        scale_shift: bool = False,
     ) -> None:
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(num_groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = nn.GroupNorm(num_groups, out_ch, eps=eps)
         self.dropout = Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -134,8 +138,13 @@ class ResBlock(nn.Module):
         # In-place adds on conv outputs are safe (a conv's backward needs its input, not its
         # output) and save two (B, out_ch, H, W) allocations per block.
         h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H, W)
-        h += self.emb_proj(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.scale_shift:
+            scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        else:
+            h += self.emb_proj(emb)[:, :, None, None]
+            h = self.norm2(h)
+        h = self.conv2(self.dropout(F.silu(h)))
         return h.add_(self.skip(x))
 
 

@@ -58,7 +58,9 @@ class UNet(nn.Module):
         attn_cls = LinearAttention if config.attention_type == "linear" else Attention
 
         def res(in_ch: int, out_ch: int) -> ResBlock:
-            return ResBlock(in_ch, out_ch, emb_dim, config.dropout, groups, eps)
+            return ResBlock(
+                in_ch, out_ch, emb_dim, config.dropout, groups, eps, config.scale_shift_norm
+            )
 
         def block(in_ch: int, out_ch: int, resolution: int) -> ResAttnBlock:
             with_attn = resolution in config.attention_resolutions

@@ -59,7 +59,11 @@ TINY = {
 # Two heads of 32 channels, classes, symmetric padding, shift 0: the options beyond the paper.
 TINY_MORE = {**TINY, "attention_head_dim": 32, "num_class_embeds": 4, "downsample_padding": 1,
              "freq_shift": 0, "norm_eps": 1e-5}  # fmt: skip
-LAYOUTS = {"ddpm-cifar10": DDPM_CIFAR10, "tiny": TINY, "tiny-heads-classes": TINY_MORE}
+# improved-diffusion's scale-shift norm (diffusers drops the middle attention's norm unless
+# attn_norm_num_groups is set)
+TINY_SCALE_SHIFT = {**TINY, "resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": 8}
+LAYOUTS = {"ddpm-cifar10": DDPM_CIFAR10, "tiny": TINY, "tiny-heads-classes": TINY_MORE,
+           "tiny-scale-shift": TINY_SCALE_SHIFT}  # fmt: skip
 
 
 def diffusers_unet(config: dict, seed: int = 0) -> torch.nn.Module:
@@ -169,6 +173,8 @@ def test_old_attention_names_and_bin_weights_import_the_same(tmp_path):
         ({"time_cond_proj_dim": 8}, "config key 'time_cond_proj_dim'"),
         ({"block_out_channels": [32, 48]}, "multiple of the first"),
         ({"_class_name": "UNet2DConditionModel"}, "only UNet2DModel maps"),
+        ({"resnet_time_scale_shift": "spatial"}, "resnet_time_scale_shift='spatial'"),
+        ({"resnet_time_scale_shift": "scale_shift"}, "needs attn_norm_num_groups"),
     ],
 )
 def test_a_folder_we_cannot_map_is_refused_naming_what(change, words):
