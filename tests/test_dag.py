@@ -134,3 +134,12 @@ def test_every_module_a_stage_loads_is_in_its_import_graph(stage, tmp_path):
     loaded = loaded_modules(stage, tmp_path)
     assert f"pipeline.{stage}" in loaded
     assert loaded <= stage_modules(stage), sorted(loaded - stage_modules(stage))
+
+
+def test_dvc_yaml_passes_dvcs_own_schema():
+    """DVC refuses a dvc.yaml its schema rejects (a stage plot's y must be one column; a
+    line per column is a top-level plot), and then no stage runs at all."""
+    import voluptuous
+    from dvc.schema import MULTI_STAGE_SCHEMA
+
+    voluptuous.Schema(MULTI_STAGE_SCHEMA)(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
