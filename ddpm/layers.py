@@ -47,10 +47,13 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 class Dropout(nn.Dropout):
     """``nn.Dropout`` with a faster mask on the CPU (:func:`keep_mask`), which draws the dropping
     probability to the nearest 2^-16 (0.1 -> 0.1000061) and scales the survivors by
-    1 / (1 - that), so the output is unbiased. On other devices: ``nn.Dropout`` itself."""
+    1 / (1 - that), so the output is unbiased. On other devices, and under torch.compile
+    (whose graph the mask's in-place draw would break at every residual block, and which
+    generates its own dropout kernel): ``nn.Dropout`` itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu" or self.p == 1:
+        eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        if not self.training or self.p == 0 or self.p == 1 or not eager_cpu:
             return super().forward(x)
         q = round(self.p * 65536) / 65536
         # One float32 mask, scale folded in: the backward is a single multiply by it. Under

@@ -288,3 +288,13 @@ def test_deterministic_upsampling_is_the_same_function_with_the_same_gradient(fm
         torch.use_deterministic_algorithms(was)
     assert torch.equal(out, F.interpolate(x, scale_factor=2.0))
     assert torch.allclose(grad, expected, rtol=0, atol=1e-6)
+
+
+def test_a_training_unet_is_one_graph_for_torch_compile():
+    """Dropout's fast CPU mask draws in place, which dynamo cannot trace: under compile it
+    gives way to nn.Dropout, so a training forward is one graph (it was 23 graph breaks, and
+    the default network hit dynamo's recompile limit, 1.09x slower than eager)."""
+
+    model = UNet(tiny_unet(dropout=0.1)).train()
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16), torch.tensor([1, 5]))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
