@@ -25,13 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.config import DiffusionConfig
-from ddpm.gaussians import (
-    LN2,
-    discretized_gaussian_log_likelihood,
-    learned_log_variance,
-    mean_flat,
-    normal_kl,
-)
+from ddpm.gaussians import clipped_log, learned_log_variance, mean_flat, vb_bits
 from ddpm.schedules import make_betas
 
 HYBRID_LAMBDA = 0.001  # the weight of L_vlb in the hybrid objective (Nichol & Dhariwal 2021)
@@ -92,7 +86,7 @@ class GaussianDiffusion(nn.Module):
             "posterior_coef_xt": post.coef_xt,
             # log beta-tilde with its 0 at t = 0 replaced by beta-tilde_1 (improved-diffusion's
             # clipping), and log beta: the two ends of a learned variance
-            "posterior_log_variance": torch.cat([post.variance[1:2], post.variance[1:]]).log(),
+            "posterior_log_variance": clipped_log(post.variance),
             "log_betas": betas.log(),
         }
         for name, table in tables.items():
@@ -218,15 +212,13 @@ class GaussianDiffusion(nn.Module):
         """The bound's term L_{t-1} of each example in bits per dimension (B,): the Gaussian KL
         from q(x_{t-1} | x_t, x0) to the model's N(mean(x0_pred), e^log_variance) where t > 0,
         the discretised decoder's -log p(x0 | x1) where t = 0 (Ho et al. 2020, eq. 5)."""
-        coef_x0 = extract(self.posterior_coef_x0, t, x0.shape)
-        coef_xt = extract(self.posterior_coef_xt, t, x0.shape)
-        true_mean, model_mean = coef_x0 * x0 + coef_xt * x_t, coef_x0 * x0_pred + coef_xt * x_t
-        true_log_variance = extract(self.posterior_log_variance, t, x0.shape).expand(x0.shape)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, model_mean, log_variance)) / LN2
-        decoder = -mean_flat(
-            discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * log_variance)
-        ) / LN2  # fmt: skip
-        return torch.where(t == 0, decoder, kl)
+        shape = x0.shape
+        return vb_bits(
+            x0, x_t, x0_pred,
+            extract(self.posterior_coef_x0, t, shape), extract(self.posterior_coef_xt, t, shape),
+            extract(self.posterior_log_variance, t, shape), log_variance,
+            first=t == 0,
+        )  # fmt: skip
 
     def training_losses(
         self,

@@ -19,7 +19,10 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def normal_kl(
-    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
+    mean1: torch.Tensor,
+    logvar1: torch.Tensor | float,
+    mean2: torch.Tensor,
+    logvar2: torch.Tensor | float,
 ) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats:
     (logvar2 - logvar1 + (e^logvar1 + (mean1 - mean2)^2) / e^logvar2 - 1) / 2."""
@@ -51,3 +54,43 @@ def learned_log_variance(
     (Nichol & Dhariwal 2021, eq. 15), ``max_log`` = log beta, ``min_log`` = log beta-tilde."""
     frac = (v + 1) / 2
     return frac * max_log + (1 - frac) * min_log
+
+
+def vb_bits(
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    x0_pred: torch.Tensor,
+    coef_x0: torch.Tensor | float,
+    coef_xt: torch.Tensor | float,
+    true_log_variance: torch.Tensor | float,
+    model_log_variance: torch.Tensor,
+    first: torch.Tensor | bool,
+) -> torch.Tensor:
+    """One term of the bound per example, in bits per dimension (B,) (Ho et al. 2020, eq. 5).
+
+    Both Gaussians share the posterior mean's coefficients, mean = coef_x0 x0 + coef_xt x_t,
+    the true one with x0 itself, the model's with ``x0_pred``. Where ``first`` (the step to
+    the data), the discretised decoder's -log p(x0 | x1); elsewhere the KL from the true
+    posterior to the model's. ``first`` a bool computes only that term; a (B,) tensor computes
+    both and picks per example.
+    """
+    model_mean = coef_x0 * x0_pred + coef_xt * x_t
+
+    def decoder() -> torch.Tensor:
+        log_scale = 0.5 * model_log_variance
+        return -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, log_scale)) / LN2
+
+    def kl() -> torch.Tensor:
+        true_mean = coef_x0 * x0 + coef_xt * x_t
+        kl = normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)
+        return mean_flat(kl) / LN2
+
+    if isinstance(first, bool):
+        return decoder() if first else kl()
+    return torch.where(first, decoder(), kl())
+
+
+def clipped_log(variance: torch.Tensor) -> torch.Tensor:
+    """log of a chain's posterior variances with the first, 0 (the step to the data), replaced
+    by the second (improved-diffusion's clipping)."""
+    return torch.cat([variance[1:2], variance[1:]]).log()

@@ -28,14 +28,8 @@ import torch
 from torch import nn
 
 from ddpm.config import Variance
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.gaussians import (
-    LN2,
-    discretized_gaussian_log_likelihood,
-    learned_log_variance,
-    mean_flat,
-    normal_kl,
-)
+from ddpm.diffusion import GaussianDiffusion, posterior_coefficients
+from ddpm.gaussians import LN2, clipped_log, learned_log_variance, mean_flat, normal_kl, vb_bits
 from ddpm.noise import Generators, randn
 
 
@@ -61,15 +55,14 @@ def strided_chain(diffusion: GaussianDiffusion, stride: int = 1) -> Chain:
     abar = diffusion.alphas_cumprod64[steps]
     abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
     betas = 1 - abar / abar_prev
-    posterior = betas * (1 - abar_prev) / (1 - abar)  # beta-tilde; 0 at the first step
-    clipped = torch.cat([posterior[1:2], posterior[1:]])
-    large = torch.cat([posterior[1:2], betas[1:]])
+    post = posterior_coefficients(abar, abar_prev)  # beta-tilde is 0 at the first step
+    large = torch.cat([post.variance[1:2], betas[1:]])
     return Chain(
         steps=steps,
         abar=abar,
-        coef_x0=abar_prev.sqrt() * betas / (1 - abar),
-        coef_xt=(1 - betas).sqrt() * (1 - abar_prev) / (1 - abar),
-        log_variance={"posterior": clipped.log(), "beta": large.log()},
+        coef_x0=post.coef_x0,
+        coef_xt=post.coef_xt,
+        log_variance={"posterior": clipped_log(post.variance), "beta": large.log()},
         log_beta=betas.log(),
     )
 
@@ -106,8 +99,6 @@ def step_bpd(
     """L_{i-1} of kept step i in bits per dimension, given the model's x0 prediction at x_t
     (and, for a learned variance, its output v): the Gaussian KL from the true posterior for
     i >= 1, the decoder's NLL for i = 0. (B,)"""
-    cx0, cxt = float(chain.coef_x0[i]), float(chain.coef_xt[i])
-    model_mean = cx0 * x0_pred + cxt * x_t
     low = float(chain.log_variance["posterior"][i])
     if variance == "learned":
         if v is None:
@@ -115,12 +106,8 @@ def step_bpd(
         model_logvar = learned_log_variance(v, low, float(chain.log_beta[i]))
     else:
         model_logvar = torch.full_like(x0, float(chain.log_variance[variance][i]))
-    if i == 0:
-        log_scale = 0.5 * model_logvar
-        return -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, log_scale)) / LN2
-    true_mean = cx0 * x0 + cxt * x_t
-    kl = normal_kl(true_mean, torch.full_like(x0, low), model_mean, model_logvar)
-    return mean_flat(kl) / LN2
+    cx0, cxt = float(chain.coef_x0[i]), float(chain.coef_xt[i])
+    return vb_bits(x0, x_t, x0_pred, cx0, cxt, low, model_logvar, first=i == 0)
 
 
 @torch.no_grad()

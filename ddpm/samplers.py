@@ -110,18 +110,17 @@ def sampling_timesteps(diffusion: GaussianDiffusion, steps: int, spacing: Spacin
 def network_output(
     model: nn.Module,
     x_t: torch.Tensor,
-    t: int,
+    tt: torch.Tensor,
     y: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """The network's float output at step ``t`` for the whole batch x_t (B, C, H, W).
+    """The network's float output at the timesteps ``tt`` (B,) for the batch x_t (B, C, H, W).
 
     Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + s (c - u), with c the
     output for labels y and u for the null class, both from one batched forward pass. A model
     with learned variances (twice C channels) is guided on its first half; the variance half
     is the conditional one (as GLIDE does).
     """
-    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
     if y is None:
         return model(x_t, tt).float()
     if guidance_scale == 1.0:
@@ -131,6 +130,8 @@ def network_output(
     cond, uncond = both.float().chunk(2)
     channels = x_t.shape[1]
     guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+    if cond.shape[1] == channels:  # fixed variances: the guided output is the whole of it
+        return guided
     return torch.cat([guided, cond[:, channels:]], dim=1)
 
 
@@ -145,9 +146,8 @@ def predict_with_variance(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(x0, eps, v) predicted at step ``t``: v is the learned-variance half of the output, or
     None for a model with fixed variances."""
-    out = network_output(model, x_t, t, y, guidance_scale)
-    out, v = diffusion.split_output(out, x_t.shape[1])
     tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    out, v = diffusion.split_output(network_output(model, x_t, tt, y, guidance_scale), x_t.shape[1])
     x0, eps = diffusion.split_prediction(out, x_t, tt, clip_x0=clip_x0)
     return x0, eps, v
 

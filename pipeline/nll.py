@@ -24,7 +24,7 @@ import typer
 
 from ddpm.checkpoint import SamplingModel, load_sampling_model
 from ddpm.data.errors import DataError
-from ddpm.data.prepared import PreparedSplit, load_prepared
+from ddpm.data.prepared import PreparedSplit, load_prepared, read_manifest
 from ddpm.files import atomic_write_bytes
 from ddpm.generation import image_generators
 from ddpm.likelihood import strided_chain, variational_bound
@@ -33,6 +33,7 @@ from ddpm.progress import Progress
 from pipeline.errors import Problems, stage_errors
 from pipeline.outputs import write_json
 from pipeline.projection import Layout, nll_record, project
+from pipeline.runtime import pick_device
 from pipeline.settings import Machine, Params, load_params
 from pipeline.tracking import Tracker
 
@@ -42,8 +43,6 @@ TERMS_COLUMNS = ("t", "bpd")
 def nll_stage(params: Path, models: Path, data: Path, metrics: Path) -> None:
     """The nll stage (``pipeline nll --help``). The MLflow run is open from the start, so a
     failure anywhere marks it FAILED."""
-    from pipeline.runtime import pick_device
-
     with stage_errors():
         p = load_params(params)
         machine = Machine()
@@ -96,15 +95,12 @@ def check_inputs(
 
 def _split(data: Path, name: str) -> PreparedSplit:
     """The split to score, memory-mapped; a missing test split names the way out."""
-    try:
-        return load_prepared(data, name, mmap=True)
-    except DataError as exc:
-        if name == "test" and "has no split" in str(exc):
-            raise DataError(
-                f"{exc}: this data set has no test files (only CIFAR-10 has them); set "
-                "nll.split: val"
-            ) from exc
-        raise
+    if name == "test" and "test" not in read_manifest(data)["splits"]:
+        raise DataError(
+            f"{data} has no test split: this data set has no test files (only CIFAR-10 has "
+            "them); set nll.split: val"
+        )
+    return load_prepared(data, name, mmap=True)
 
 
 def likelihood(

@@ -8,23 +8,11 @@ import math
 
 import pytest
 import torch
+from smooth import DIFFUSION, SHAPE, Smooth
 
-from ddpm.config import DiffusionConfig
-from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import ddim_sample, dpm_solver_order, dpm_solver_sample, sampling_timesteps
 
 diffusers = pytest.importorskip("diffusers")
-
-DIFFUSION = GaussianDiffusion(DiffusionConfig(schedule="linear", timesteps=1000))
-SHAPE = (4, 3, 8, 8)
-
-
-class Smooth(torch.nn.Module):
-    """A fixed nonlinear eps(x, t): enough curvature for the orders to differ."""
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = (t.float() / 1000).view(-1, 1, 1, 1)
-        return 0.6 * x * torch.cos(3 * s) + 0.3 * torch.sin(2 * x + 5 * s) + 0.1 * s
 
 
 def diffusers_loop(x_T: torch.Tensor, timesteps: list[int], order: int, final: bool):

@@ -190,3 +190,22 @@ def test_a_tiny_unet_trained_with_hybrid_learns_a_variance_that_tightens_its_bou
         _, v = d.split_output(ema.module(x_t, t), 3)
     frac = float(((v + 1) / 2).mean())  # 0: beta-tilde, 1: beta
     assert 0.15 < frac < 0.85, frac
+
+
+def test_guidance_mixes_the_eps_half_and_keeps_the_conditional_variance():
+    """out = u + s (c - u) on the first C channels; v is the conditional pass's."""
+    from ddpm.samplers import network_output
+
+    class Labelled(torch.nn.Module):
+        null_class = 9
+
+        def forward(self, x, t, y):  # eps half: the label; v half: 10 times it
+            lab = y.float().view(-1, 1, 1, 1).expand(-1, 3, *x.shape[2:])
+            return torch.cat([lab, 10 * lab], dim=1)
+
+    x, tt, y = torch.zeros(2, 3, 4, 4), torch.tensor([5, 5]), torch.tensor([1, 2])
+    out = network_output(Labelled(), x, tt, y, guidance_scale=3.0)
+    expected_eps = 9 + 3.0 * (y.float() - 9)  # u = the null class 9, c = the label
+    assert out.shape == (2, 6, 4, 4)
+    torch.testing.assert_close(out[:, :3], expected_eps.view(-1, 1, 1, 1).expand(-1, 3, 4, 4))
+    torch.testing.assert_close(out[:, 3:], 10 * y.float().view(-1, 1, 1, 1).expand(-1, 3, 4, 4))

@@ -6,17 +6,14 @@ import math
 
 import pytest
 import torch
+from smooth import Smooth
 from torch.distributions import Normal, kl_divergence
 
 from ddpm.config import DiffusionConfig
 from ddpm.diffusion import GaussianDiffusion, posterior_coefficients
+from ddpm.gaussians import discretized_gaussian_log_likelihood, normal_kl
 from ddpm.generation import image_generators
-from ddpm.likelihood import (
-    discretized_gaussian_log_likelihood,
-    normal_kl,
-    strided_chain,
-    variational_bound,
-)
+from ddpm.likelihood import strided_chain, variational_bound
 
 DIFFUSION = GaussianDiffusion(DiffusionConfig(schedule="linear", timesteps=50))
 VALUES = torch.arange(256, dtype=torch.float32) / 127.5 - 1  # the 256 pixel values on [-1, 1]
@@ -109,23 +106,17 @@ def test_the_bound_of_a_perfect_denoiser_is_its_prior_and_decoder_terms():
     torch.testing.assert_close(bound.total, bound.prior + bound.decoder, rtol=1e-5, atol=1e-5)
 
 
-class Smooth(torch.nn.Module):
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = (t.float() / 50).view(-1, 1, 1, 1)
-        return 0.6 * x * torch.cos(3 * s) + 0.3 * torch.sin(2 * x + 5 * s)
-
-
 def test_an_image_has_the_same_bound_in_any_batch_and_a_stride_costs_a_kth():
     x0 = VALUES[torch.randint(0, 256, (4, 3, 4, 4), generator=torch.Generator().manual_seed(3))]
     calls = []
-    whole = variational_bound(Smooth(), DIFFUSION, x0, stride=5, variance="beta",
+    whole = variational_bound(Smooth(50), DIFFUSION, x0, stride=5, variance="beta",
                               generator=image_generators(0, range(4)),
                               on_step=lambda: calls.append(1))  # fmt: skip
     assert len(calls) == 10 and whole.terms.shape == (4, 10)
-    last = variational_bound(Smooth(), DIFFUSION, x0[3:], stride=5, variance="beta",
+    last = variational_bound(Smooth(50), DIFFUSION, x0[3:], stride=5, variance="beta",
                              generator=image_generators(0, [3]))  # fmt: skip
     torch.testing.assert_close(last.total, whole.total[3:])
     assert bool(torch.isfinite(whole.total).all()) and bool((whole.total > 0).all())
-    posterior = variational_bound(Smooth(), DIFFUSION, x0, stride=5,
+    posterior = variational_bound(Smooth(50), DIFFUSION, x0, stride=5,
                                   generator=image_generators(0, range(4)))  # fmt: skip
     assert not torch.allclose(posterior.total, whole.total)  # the variance matters

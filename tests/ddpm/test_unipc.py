@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from smooth import DIFFUSION, SHAPE, Smooth
 
-from ddpm.config import DiffusionConfig, SamplerConfig
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.config import SamplerConfig
 from ddpm.samplers import (
     ddim_sample,
     predict,
@@ -22,17 +22,6 @@ from ddpm.samplers import (
 )
 
 diffusers = pytest.importorskip("diffusers")
-
-DIFFUSION = GaussianDiffusion(DiffusionConfig(schedule="linear", timesteps=1000))
-SHAPE = (4, 3, 8, 8)
-
-
-class Smooth(torch.nn.Module):
-    """A fixed nonlinear eps(x, t): enough curvature for the orders to differ."""
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = (t.float() / 1000).view(-1, 1, 1, 1)
-        return 0.6 * x * torch.cos(3 * s) + 0.3 * torch.sin(2 * x + 5 * s) + 0.1 * s
 
 
 def diffusers_states(x_T: torch.Tensor, timesteps: list[int], order: int, bh: str, final: bool):

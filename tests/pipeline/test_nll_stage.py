@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from stages import TINY_PROJECT, enter_project, merge, prepare_split, project_params
+from stages import TINY_PROJECT, enter_project, merge, prepare_split
 from typer.testing import CliRunner
 
 from ddpm.checkpoint import load_sampling_model
@@ -25,16 +25,12 @@ from pipeline.cli import app
 
 runner = CliRunner()
 
-PARAMS = project_params(
-    {
-        "dataset": "synthetic",
-        "image_size": 16,
-        "data": {"num_images": 40, "val_fraction": 0.25},  # train 30, val 10
-        "diffusion": {"timesteps": 20},
-        "sample": {"steps": 4, "variance": "beta", "clip_x0": False},
-        "nll": {"split": "val", "num_images": 6, "batch_size": 4, "stride": 3, "variance": None},
-    }
-)  # fmt: skip
+# the tiny project (40 synthetic 16-pixel images, val 10, T = 20), the DDPM sampler's beta and
+# no clipping, which the bound must take from the sample settings
+PARAMS = merge(TINY_PROJECT, {
+    "sample": {"variance": "beta", "clip_x0": False},
+    "nll": {"split": "val", "num_images": 6, "batch_size": 4, "stride": 3, "variance": None},
+})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
