@@ -129,8 +129,10 @@ def config_differences(
 ) -> list[str]:
     """Fields whose value in the checkpoint differs from the given configs, as text lines."""
     lines = []
+    saved_unet_config, saved_diffusion = configs_from_checkpoint(ckpt)  # fields it predates: old
+    saved_configs = configs_to_json(saved_unet_config, saved_diffusion)
     for section, config in configs_to_json(unet, diffusion).items():
-        saved = saved_unet(ckpt) if section == "unet" else ckpt["config"][section]
+        saved = saved_configs[section]
         for key, value in config.items():
             if saved.get(key) != value:
                 lines.append(f"{section}.{key}: checkpoint {saved.get(key)!r}, params {value!r}")

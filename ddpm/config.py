@@ -66,8 +66,25 @@ class UNetConfig(_Frozen):
         description="Timestep embedding frequencies 10000^(-i / (half - shift)): the paper's code "
         "uses 1 (diffusers' freq_shift), Transformer-style encodings 0.",
     )
+    flip_sin_to_cos: bool = Field(
+        False,
+        description="Timestep embedding as [cos, sin] (improved-diffusion, diffusers' "
+        "flip_sin_to_cos) rather than the paper's [sin, cos].",
+    )
+    time_scale: float = Field(
+        1.0,
+        gt=0.0,
+        description="The network embeds t * time_scale: 1 for the paper; improved-diffusion's "
+        "rescale_timesteps is 1000 / T, the timesteps of any T on the scale of 1000.",
+    )
     num_classes: int | None = Field(
         None, ge=1, description="Classes for conditioning; None for an unconditional model."
+    )
+    null_class: bool = Field(
+        True,
+        description="With num_classes: one more label, num_classes, the null class that "
+        "classifier-free guidance trains by label dropout and samples as the unconditional model; "
+        "false for models trained without one (improved-diffusion's), which always need a label.",
     )
     scale_shift_norm: bool = Field(
         False,
@@ -131,8 +148,15 @@ class DiffusionConfig(_Frozen):
     loss: LossType = Field(
         "l2",
         description="l2 or l1: the distance between prediction and target (L_simple); hybrid: "
-        "l2 + 0.001 L_vlb, the bound training only the learned variances (Nichol & Dhariwal "
-        "2021); vlb: the bound alone.",
+        "l2 + hybrid_lambda L_vlb, the bound training only the learned variances (Nichol & "
+        "Dhariwal 2021); vlb: the bound alone.",
+    )
+    hybrid_lambda: float = Field(
+        0.001,
+        gt=0.0,
+        description="The weight of L_vlb (T times one step's bound term) in the hybrid loss: "
+        "0.001 in Nichol & Dhariwal 2021; improved-diffusion without rescale_learned_sigmas "
+        "weights the step's term 1, that is 1 / T.",
     )
     min_snr_gamma: float | None = Field(
         None, gt=0.0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); None: off."

@@ -32,7 +32,6 @@ FIXED = {
     "act_fn": "silu",
     "center_input_sample": False,
     "time_embedding_type": "positional",
-    "flip_sin_to_cos": False,
     "mid_block_scale_factor": 1,
     "add_attention": True,
     "class_embed_type": None,
@@ -46,7 +45,7 @@ USED = {
     "sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
     "down_block_types", "up_block_types", "norm_num_groups", "norm_eps", "downsample_padding",
     "freq_shift", "attention_head_dim", "dropout", "num_class_embeds", "attn_norm_num_groups",
-    "resnet_time_scale_shift",
+    "resnet_time_scale_shift", "flip_sin_to_cos",
 }  # fmt: skip
 SCALE_SHIFT = {"default": False, "scale_shift": True}  # resnet_time_scale_shift -> ours
 OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -134,6 +133,7 @@ def unet_config_from_diffusers(config: dict[str, Any]) -> UNetConfig:
         if config.get("downsample_padding", 1) == 0
         else "symmetric",
         time_freq_shift=config.get("freq_shift", 0),
+        flip_sin_to_cos=bool(config.get("flip_sin_to_cos", True)),
         num_classes=None if classes is None else classes - 1,  # the last row: our null class
         scale_shift_norm=SCALE_SHIFT[shift],
     )
@@ -145,6 +145,13 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         raise ConversionError("linear attention has no diffusers UNet2DModel equivalent")
     if cfg.learn_sigma:
         raise ConversionError("learned variances (learn_sigma) are not exported to diffusers")
+    if cfg.time_scale != 1.0:
+        raise ConversionError(f"time_scale={cfg.time_scale}: diffusers' UNet2DModel embeds t as is")
+    if cfg.num_classes is not None and not cfg.null_class:
+        raise ConversionError(
+            "a class-conditional model without a null class: our diffusers files hold the null "
+            "class as the class embedding's last row"
+        )
     widths = [cfg.base_channels * m for m in cfg.channel_mults]
     attn = [r in cfg.attention_resolutions for r in cfg.resolutions]
     head_dims = {w // cfg.num_heads for w, a in zip(widths, attn, strict=True) if a}
@@ -167,6 +174,7 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "norm_eps": cfg.norm_eps,
         "downsample_padding": 0 if cfg.downsample_padding == "asymmetric" else 1,
         "freq_shift": cfg.time_freq_shift,
+        "flip_sin_to_cos": cfg.flip_sin_to_cos,
         "attention_head_dim": None if cfg.num_heads == 1 else head_dims.pop(),
         "dropout": cfg.dropout,
         "num_class_embeds": None if cfg.num_classes is None else cfg.num_classes + 1,

@@ -28,8 +28,6 @@ from ddpm.config import DiffusionConfig
 from ddpm.gaussians import clipped_log, learned_log_variance, mean_flat, vb_bits
 from ddpm.schedules import make_betas
 
-HYBRID_LAMBDA = 0.001  # the weight of L_vlb in the hybrid objective (Nichol & Dhariwal 2021)
-
 
 def extract(table: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """table[t] reshaped to broadcast against a batch of ``shape``: (B,) -> (B, 1, ..., 1)."""
@@ -233,8 +231,8 @@ class GaussianDiffusion(nn.Module):
         (hybrid and vlb only), and ``loss``, what training minimises:
 
         - l2, l1: mse (L_simple, Ho et al. 2020, eq. 14);
-        - hybrid: mse + lambda T vb, lambda = 0.001, with the mean in vb detached so that the
-          bound trains only the variance (Nichol & Dhariwal 2021, sec. 3.1, eq. 16);
+        - hybrid: mse + lambda T vb, lambda = ``hybrid_lambda`` (0.001), with the mean in vb
+          detached so that the bound trains only the variance (Nichol & Dhariwal 2021, eq. 16);
         - vlb: T vb, an unbiased estimate of the whole bound L_vlb.
         """
         x_t = self.q_sample(x0, t, noise)
@@ -253,5 +251,6 @@ class GaussianDiffusion(nn.Module):
         log_variance = self.model_log_variance(t, v, x0.shape)
         terms["vb"] = self.vb_bits(x0, x_t, t, x0_pred, log_variance)
         T = self.num_timesteps
-        loss = terms["mse"] + HYBRID_LAMBDA * T * terms["vb"] if hybrid else T * terms["vb"]
+        lam = self.config.hybrid_lambda
+        loss = terms["mse"] + lam * T * terms["vb"] if hybrid else T * terms["vb"]
         return terms | {"loss": loss}

@@ -64,18 +64,21 @@ class Dropout(nn.Dropout):
 class SinusoidalEmbedding(nn.Module):
     """Transformer positional encoding of the timestep (Vaswani et al. 2017, Ho et al. 2020).
 
-    emb(t) = [sin(t w_0), ..., sin(t w_{h-1}), cos(t w_0), ..., cos(t w_{h-1})] with
-    w_i = 10000^(-i / (h - shift)) and h = dim // 2; the DDPM reference code has shift 1
-    (diffusers' ``freq_shift``). An odd ``dim`` gets a trailing zero.
+    emb(t) = [sin(s t w_0), ..., sin(s t w_{h-1}), cos(s t w_0), ..., cos(s t w_{h-1})] with
+    w_i = 10000^(-i / (h - shift)), h = dim // 2 and s = ``scale``; the DDPM reference code has
+    shift 1 (diffusers' ``freq_shift``). ``cos_first`` puts the cosines first (improved-diffusion,
+    diffusers' ``flip_sin_to_cos``). An odd ``dim`` gets a trailing zero.
     """
 
     freqs: torch.Tensor
 
-    def __init__(self, dim: int, shift: float = 1.0) -> None:
+    def __init__(
+        self, dim: int, shift: float = 1.0, cos_first: bool = False, scale: float = 1.0
+    ) -> None:
         super().__init__()
         if dim < 2:
             raise ValueError(f"timestep embedding dim must be at least 2; got {dim}")
-        self.dim = dim
+        self.dim, self.cos_first, self.scale = dim, cos_first, scale
         half = dim // 2
         denominator = half - shift if half - shift > 0 else 1.0
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / denominator)
@@ -84,17 +87,22 @@ class SinusoidalEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) integer or float timesteps -> (B, dim) float32 embedding."""
-        args = t.float()[:, None] * self.freqs[None]  # (B, dim // 2)
-        emb = torch.cat([args.sin(), args.cos()], dim=1)  # (B, 2 * (dim // 2))
+        t = t.float() if self.scale == 1.0 else t.float() * self.scale
+        args = t[:, None] * self.freqs[None]  # (B, dim // 2)
+        parts = (args.cos(), args.sin()) if self.cos_first else (args.sin(), args.cos())
+        emb = torch.cat(parts, dim=1)  # (B, 2 * (dim // 2))
         return F.pad(emb, (0, self.dim % 2))
 
 
 class TimestepEmbedding(nn.Module):
-    """Sinusoidal embedding of t, then Linear(dim, 4 dim) - SiLU - Linear(4 dim, 4 dim)."""
+    """Sinusoidal embedding of t (:class:`SinusoidalEmbedding`, same arguments), then
+    Linear(dim, 4 dim) - SiLU - Linear(4 dim, 4 dim)."""
 
-    def __init__(self, dim: int, shift: float = 1.0) -> None:
+    def __init__(
+        self, dim: int, shift: float = 1.0, cos_first: bool = False, scale: float = 1.0
+    ) -> None:
         super().__init__()
-        self.sinusoidal = SinusoidalEmbedding(dim, shift)
+        self.sinusoidal = SinusoidalEmbedding(dim, shift, cos_first, scale)
         self.linear1 = nn.Linear(dim, 4 * dim)
         self.linear2 = nn.Linear(4 * dim, 4 * dim)
 

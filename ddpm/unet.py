@@ -9,7 +9,8 @@ network, 35,746,307 parameters.
 
 Class conditioning adds a learned label embedding to the timestep embedding; label
 ``num_classes`` is the "null" class that classifier-free guidance (Ho & Salimans 2022) trains
-by label dropout and samples as the unconditional model.
+by label dropout and samples as the unconditional model (a model without one, such as
+improved-diffusion's class-conditional ImageNet models, has ``null_class`` false).
 """
 
 from __future__ import annotations
@@ -67,10 +68,13 @@ class UNet(nn.Module):
             attn = attn_cls(out_ch, config.num_heads, groups, eps) if with_attn else None
             return ResAttnBlock(res(in_ch, out_ch), attn)
 
-        self.time_embed = TimestepEmbedding(ch, config.time_freq_shift)
-        # One row more than there are classes: the null class of classifier-free guidance.
+        self.time_embed = TimestepEmbedding(
+            ch, config.time_freq_shift, config.flip_sin_to_cos, config.time_scale
+        )
+        # With a null class, one row more than there are classes (classifier-free guidance).
         n_cls = config.num_classes
-        self.class_embed = nn.Embedding(n_cls + 1, emb_dim) if n_cls is not None else None
+        rows = None if n_cls is None else n_cls + int(config.null_class)
+        self.class_embed = nn.Embedding(rows, emb_dim) if rows is not None else None
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
 
         # Down path; skip_chs records the channels of every activation the up path will reuse.
@@ -110,8 +114,9 @@ class UNet(nn.Module):
 
     @property
     def null_class(self) -> int | None:
-        """The label of the null (unconditional) class; None for an unconditional model."""
-        return self.config.num_classes
+        """The label of the null (unconditional) class; None for an unconditional model and
+        for a conditional one without a null class (``UNetConfig.null_class`` false)."""
+        return self.config.num_classes if self.config.null_class else None
 
     def num_parameters(self) -> int:
         """Number of parameters (all are trainable)."""
@@ -122,7 +127,12 @@ class UNet(nn.Module):
         emb = self.time_embed(t)  # (B, E)
         if self.class_embed is not None:
             if y is None:
-                y = torch.full_like(t, self.config.num_classes, dtype=torch.long)
+                if self.null_class is None:
+                    raise ValueError(
+                        "this class-conditional UNet has no null class (null_class=False, as "
+                        "improved-diffusion's models): pass labels y; it has no unconditional mode"
+                    )
+                y = torch.full_like(t, self.null_class, dtype=torch.long)
             emb = emb + self.class_embed(y)
         elif y is not None:
             raise ValueError(

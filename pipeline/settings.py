@@ -96,7 +96,7 @@ ModelParams = section(
     UNetConfig,
     "Section ``model``: the UNet (:class:`ddpm.config.UNetConfig`); ``image_size`` is top-level "
     "and the classes come from the prepared data.",
-    leave_out={"image_size", "in_channels", "num_classes"},
+    leave_out={"image_size", "in_channels", "num_classes", "null_class"},
     conditional=(bool, Field(description="Class-conditional (labels from the data set).")),
 )
 DiffusionParams = section(

@@ -56,9 +56,10 @@ TINY = {
     "norm_num_groups": 8,
     "sample_size": 16,
 }
-# Two heads of 32 channels, classes, symmetric padding, shift 0: the options beyond the paper.
+# Two heads of 32 channels, classes, symmetric padding, shift 0, cos-first embedding
+# (diffusers' default): the options beyond the paper.
 TINY_MORE = {**TINY, "attention_head_dim": 32, "num_class_embeds": 4, "downsample_padding": 1,
-             "freq_shift": 0, "norm_eps": 1e-5}  # fmt: skip
+             "freq_shift": 0, "norm_eps": 1e-5, "flip_sin_to_cos": True}  # fmt: skip
 # improved-diffusion's scale-shift norm (diffusers drops the middle attention's norm unless
 # attn_norm_num_groups is set)
 TINY_SCALE_SHIFT = {**TINY, "resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": 8}
@@ -167,7 +168,7 @@ def test_old_attention_names_and_bin_weights_import_the_same(tmp_path):
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        ({"flip_sin_to_cos": True}, "flip_sin_to_cos=True is not supported"),
+        ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier' is not supported"),
         ({"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"]}, "CrossAttnDownBlock2D"),
         ({"up_block_types": ["UpBlock2D", "AttnUpBlock2D"]}, "do not mirror"),
         ({"time_cond_proj_dim": 8}, "config key 'time_cond_proj_dim'"),
@@ -240,7 +241,12 @@ def test_ddim_gives_the_images_of_diffusers_ddim_scheduler(tmp_path):
 
 @pytest.mark.parametrize(
     ("change", "words"),
-    [({"attention_type": "linear"}, "linear attention"), ({"learn_sigma": True}, "learn_sigma")],
+    [
+        ({"attention_type": "linear"}, "linear attention"),
+        ({"learn_sigma": True}, "learn_sigma"),
+        ({"time_scale": 0.25}, "time_scale=0.25"),
+        ({"num_classes": 10, "null_class": False}, "without a null class"),
+    ],
 )
 def test_a_model_diffusers_cannot_hold_is_not_exported(change, words):
     from ddpm.diffusers_format import unet_config_to_diffusers

@@ -93,6 +93,17 @@ def test_the_hybrid_and_vlb_losses_are_the_papers(loss):
     torch.testing.assert_close(terms["loss"].double(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_hybrid_lambda_weights_the_bound_term():
+    """improved-diffusion without rescale_learned_sigmas adds the step's term with weight 1:
+    hybrid_lambda = 1 / T."""
+    x0, noise, eps, v = fixed_tensors()
+    t = torch.tensor([0, 7, T - 1])
+    config = DiffusionConfig(schedule="linear", timesteps=T, loss="hybrid", hybrid_lambda=1 / T)
+    terms = GaussianDiffusion(config).training_losses(Fixed(eps, v), x0, t, noise)
+    mse, vb = by_hand(x0, noise, t, eps, v)
+    torch.testing.assert_close(terms["loss"].double(), mse + vb, rtol=1e-4, atol=1e-5)
+
+
 def test_the_hybrid_bound_trains_only_the_variance_and_vlb_trains_both():
     x0, noise, eps, v = fixed_tensors(1)
     t = torch.tensor([3, 20, 40])

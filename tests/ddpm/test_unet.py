@@ -184,6 +184,25 @@ def test_sinusoidal_embedding_follows_the_ddpm_formula():
     assert SinusoidalEmbedding(9)(t).shape == (4, 9)
 
 
+def test_the_improved_diffusion_embedding_puts_cos_first_on_rescaled_timesteps():
+    """improved-diffusion: [cos, sin] of t * 1000 / T at frequencies 10000^(-i / half)."""
+    T, t = 4000, torch.tensor([0, 1, 10, 3999])
+    emb = SinusoidalEmbedding(8, shift=0.0, cos_first=True, scale=1000 / T)(t)
+    args = (t[:, None] / 4.0) * 10000.0 ** (-torch.arange(4) / 4)
+    torch.testing.assert_close(emb, torch.cat([args.cos(), args.sin()], dim=1).float())
+
+
+def test_a_conditional_unet_without_a_null_class_needs_labels():
+    config = tiny_unet(num_classes=3, null_class=False)
+    model = UNet(config)
+    assert model.class_embed.num_embeddings == 3 and model.null_class is None
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    assert model(x, t, torch.tensor([0, 2])).shape == x.shape
+    with pytest.raises(ValueError, match="no null class"):
+        model(x, t)
+    assert UNet(config.model_copy(update={"null_class": True})).class_embed.num_embeddings == 4
+
+
 @pytest.mark.parametrize("in_ch, out_ch", [(8, 8), (8, 16)])
 def test_resblock_is_its_shortcut_at_initialisation(in_ch, out_ch):
     block = ResBlock(in_ch, out_ch, emb_dim=12, num_groups=4)

@@ -168,7 +168,13 @@ def test_the_library_defaults_are_the_params_yaml_values():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     model = {k: v for k, v in raw["model"].items() if k != "conditional"}
     unet = UNetConfig().model_dump(mode="json")
-    assert unet == {**model, "image_size": raw["image_size"], "in_channels": 3, "num_classes": None}
+    assert unet == {
+        **model,
+        "image_size": raw["image_size"],
+        "in_channels": 3,
+        "num_classes": None,
+        "null_class": True,
+    }
     diffusion = {**raw["diffusion"], "schedule": raw["schedule"]}
     assert DiffusionConfig().model_dump(mode="json") == diffusion
     assert TrainConfig().model_dump(mode="json") == raw["train"]
