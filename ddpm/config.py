@@ -280,10 +280,15 @@ class SamplerConfig(_Frozen):
         return f"{self.sampler}-{self.steps}"
 
     def problems(
-        self, num_timesteps: int, conditional: bool, learns_sigma: bool = False
+        self,
+        num_timesteps: int,
+        conditional: bool,
+        learns_sigma: bool = False,
+        null_class: bool = True,
     ) -> list[str]:
         """What a model with ``num_timesteps`` steps, ``conditional`` or not, with learned
-        variances or not, cannot do with these settings, one line each (the fields are named
+        variances or not, with a null class or not (guidance needs one), cannot do with these
+        settings, one line each (the fields are named
         bare; callers prefix their section). The one place these limits are written:
         params.yaml is checked with them against its own diffusion, and the sample and
         frontier stages against the checkpoint.
@@ -298,6 +303,11 @@ class SamplerConfig(_Frozen):
             problems.append(
                 f"guidance_scale={self.guidance_scale} needs a class-conditional model; this one "
                 "is unconditional: set it to 1.0"
+            )
+        if self.guidance_scale != 1.0 and conditional and not null_class:
+            problems.append(
+                f"guidance_scale={self.guidance_scale} needs a null class, which this model was "
+                "trained without (improved-diffusion's class-conditional models): set it to 1.0"
             )
         if self.variance == "learned" and not learns_sigma:
             problems.append(

@@ -63,11 +63,14 @@ class Scored(NamedTuple):
 
 def plan_points(p: Params, net: SamplingModel) -> tuple[list[Point], list[str]]:
     """The frontier's points with their honest NFE, and what the model cannot honour."""
-    diffusion, conditional = net.diffusion, net.model.config.num_classes is not None
+    diffusion, unet = net.diffusion, net.model.config
+    conditional = unet.num_classes is not None
     points, problems = [], []
     for i, entry in enumerate(p.frontier.points):
         config = entry.sampler_config(p.sample)
-        wrong = config.problems(diffusion.num_timesteps, conditional, net.model.config.learn_sigma)
+        wrong = config.problems(
+            diffusion.num_timesteps, conditional, unet.learn_sigma, unet.null_class
+        )
         problems += prefixed(f"frontier.points[{i}].", wrong)
         if not wrong:
             visited = sampling_timesteps(diffusion, config.steps, config.spacing)

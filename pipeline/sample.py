@@ -150,7 +150,8 @@ def sampler_problems(s: SampleParams, net: SamplingModel) -> list[str]:
     """The sample settings the checkpoint must allow: steps, guidance and classes."""
     num_classes = net.model.config.num_classes
     T, learned = net.diffusion.num_timesteps, net.model.config.learn_sigma
-    problems = prefixed("sample.", s.problems(T, num_classes is not None, learned))
+    null = net.model.config.null_class
+    problems = prefixed("sample.", s.problems(T, num_classes is not None, learned, null))
     try:
         image_labels([0], num_classes, s.classes)
     except ValueError as exc:

@@ -42,3 +42,16 @@ def test_bad_unet_config_is_refused_before_any_tensor(kwargs, words):
 
 def test_resolutions_follow_the_levels():
     assert UNetConfig(image_size=64).resolutions == (64, 32, 16, 8)
+
+
+def test_sampling_settings_a_model_cannot_honour_are_named():
+    from ddpm.config import SamplerConfig
+
+    guided = SamplerConfig(guidance_scale=3.0, variance="learned", steps=50)
+    assert guided.problems(1000, conditional=True, learns_sigma=True) == []
+    (line,) = guided.problems(1000, conditional=True, learns_sigma=True, null_class=False)
+    assert "needs a null class" in line and "set it to 1.0" in line
+    lines = guided.problems(20, conditional=False, learns_sigma=False)
+    assert [w for w in ("steps=50", "unconditional", "learned") if any(w in x for x in lines)] == [
+        "steps=50", "unconditional", "learned"
+    ]  # fmt: skip
