@@ -185,6 +185,7 @@ class SamplingModel(NamedTuple):
     diffusion: GaussianDiffusion
     class_names: list[str] | None
     step: int
+    variance: str | None = None  # the variance its authors sample with, where the file says
 
 
 def load_sampling_model(
@@ -235,4 +236,5 @@ def load_sampling_model(
         GaussianDiffusion(diffusion_config).to(device),
         ckpt.get("class_names"),
         int(ckpt.get("step", 0)),
+        ckpt.get("variance"),
     )

@@ -174,23 +174,45 @@ def convert(
     from_diffusers: Path | None = typer.Option(
         None, help="A diffusers UNet2DModel folder (config.json + weights) to import."
     ),
-    out: Path | None = typer.Option(None, help="With --from-diffusers: the weights file to write."),
+    from_improved_diffusion: Path | None = typer.Option(
+        None,
+        help="An openai/improved-diffusion checkpoint (.pt) to import; needs --flags.",
+    ),
+    flags: str | None = typer.Option(
+        None,
+        help="With --from-improved-diffusion: its MODEL_FLAGS and DIFFUSION_FLAGS as its README "
+        "gives them for the checkpoint (its scripts' defaults fill the rest).",
+    ),
+    out: Path | None = typer.Option(None, help="With --from-*: the weights file to write."),
     to_diffusers: Path | None = typer.Option(
         None, help="Write our weights as a diffusers DDPMPipeline folder here."
     ),
-    weights: Path = typer.Option(
-        Path("models/ema.pt"), help="With --to-diffusers: our weights file to export."
+    to_improved_diffusion: Path | None = typer.Option(
+        None, help="Write our weights as an improved-diffusion .pt here (prints its flags)."
     ),
-    which: str = typer.Option("ema", help="With --to-diffusers: ema or raw weights."),
+    weights: Path = typer.Option(
+        Path("models/ema.pt"), help="With --to-*: our weights file to export."
+    ),
+    which: str = typer.Option("ema", help="With --to-*: ema or raw weights."),
 ) -> None:
-    """Published weights in, ours out: the diffusers folder layout, converted exactly.
+    """Published weights in, ours out: diffusers and improved-diffusion, converted exactly.
 
     pipeline convert --from-diffusers ddpm-cifar10-32/ --out models/ema.pt imports the DDPM
-    paper's CIFAR-10 model; pipeline convert --to-diffusers export/ writes ours for diffusers.
+    paper's CIFAR-10 model; pipeline convert --from-improved-diffusion
+    cifar10_uncond_50M_500K.pt --flags "--image_size 32 --num_channels 128 --num_res_blocks 3
+    --learn_sigma True --dropout 0.3 --diffusion_steps 4000 --noise_schedule cosine" --out
+    models/ema.pt imports Nichol & Dhariwal's; --to-diffusers DIR and --to-improved-diffusion
+    FILE write ours out.
     """
     from pipeline.convert import convert_stage
 
-    convert_stage(from_diffusers, to_diffusers, out, weights, which)
+    sources = {
+        "from-diffusers": from_diffusers,
+        "to-diffusers": to_diffusers,
+        "from-improved-diffusion": from_improved_diffusion,
+        "to-improved-diffusion": to_improved_diffusion,
+    }
+    convert_stage(sources, out, flags, weights, which)
 
 
 def main() -> None:

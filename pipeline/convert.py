@@ -1,10 +1,16 @@
-"""``pipeline convert``: weights in and out of the diffusers folder layout.
+"""``pipeline convert``: weights in and out of the diffusers and improved-diffusion layouts.
 
 ``--from-diffusers DIR --out FILE`` turns a published ``UNet2DModel`` (google/ddpm-cifar10-32,
-the DDPM paper's CIFAR-10 model, for one) into our weights file, so ``sample``, ``evaluate``
-and ``frontier`` run on it; ``--to-diffusers DIR`` writes our trained weights as a folder that
-diffusers' ``UNet2DModel.from_pretrained(DIR, subfolder="unet")`` and
+the DDPM paper's CIFAR-10 model, for one) into our weights file, so ``sample``, ``evaluate``,
+``frontier`` and ``nll`` run on it; ``--to-diffusers DIR`` writes our trained weights as a
+folder that diffusers' ``UNet2DModel.from_pretrained(DIR, subfolder="unet")`` and
 ``DDPMPipeline.from_pretrained(DIR)`` load. Both are exact (:mod:`ddpm.diffusers_format`).
+
+``--from-improved-diffusion FILE --flags "..." --out FILE`` does the same for the improved-DDPM
+models of Nichol & Dhariwal (openai/improved-diffusion), whose ``.pt`` files hold weights only:
+the flags its README gives with each file say what the network and diffusion are
+(:mod:`ddpm.improved_diffusion_format`); ``--to-improved-diffusion FILE`` writes ours in its
+layout and prints the flags its scripts need.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from ddpm.checkpoint import load_sampling_model, save_checkpoint, weights_payloa
 from ddpm.config import DiffusionConfig
 from ddpm.diffusers_format import ConversionError, read_diffusers, write_diffusers
 from ddpm.ema import EMA
+from ddpm.improved_diffusion_format import (
+    parse_flags,
+    read_improved_diffusion,
+    write_improved_diffusion,
+)
 from ddpm.unet import UNet
 from pipeline.errors import stage_errors
 
@@ -51,22 +62,96 @@ def export_diffusers(weights: Path, which: str, folder: Path) -> None:
     )
 
 
+def import_improved_diffusion(path: Path, flags: str, out: Path) -> None:
+    """An improved-diffusion ``.pt`` and its README flags -> our weights file (EMA and raw)."""
+    model_in = read_improved_diffusion(path, flags)
+    model = UNet(model_in.unet)
+    model.load_state_dict(model_in.state)
+    payload = weights_payload(0, model_in.unet, model_in.diffusion, EMA(model), model, [])
+    extra = {"converted_from": str(path), "flags": flags, "variance": model_in.variance}
+    save_checkpoint({**payload, **extra}, out)
+    ignored = parse_flags(flags).script
+    typer.echo(
+        f"{out}: {model.num_parameters():,} parameters from {path}, "
+        f"{_describe(model_in.diffusion)}, {model_in.variance} variance."
+    )
+    if ignored:
+        typer.echo(f"Not carried over (its training and sampling scripts' flags): "
+                   f"{', '.join(f'--{k} {v}' for k, v in ignored.items())}")  # fmt: skip
+    typer.echo(
+        "sample, evaluate, frontier and nll read the network and its diffusion from this file; "
+        "for params that agree with it (the MLflow run records them), set:\n"
+        + "\n".join(f"  {line}" for line in matching_params(model_in))
+    )
+
+
+def matching_params(model_in) -> list[str]:
+    """The params.yaml values of an imported model, one ``key: value`` line each."""
+    unet, diffusion = model_in.unet, model_in.diffusion
+    lines = [f"image_size: {unet.image_size}", f"schedule: {diffusion.schedule}"]
+    skip = {"image_size", "in_channels", "num_classes", "null_class"}
+    model = {k: v for k, v in unet.model_dump(mode="json").items() if k not in skip}
+    model["conditional"] = unet.num_classes is not None
+    lines += [f"model.{k}: {_yaml(v)}" for k, v in model.items()]
+    lines += [f"diffusion.{k}: {_yaml(v)}"
+              for k, v in diffusion.model_dump(mode="json").items() if k != "schedule"]  # fmt: skip
+    lines.append(f"sample.variance: {model_in.variance}")
+    return lines
+
+
+def _yaml(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(list(value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def export_improved_diffusion(weights: Path, which: str, path: Path) -> None:
+    """Our weights file -> an improved-diffusion ``.pt``; prints the flags that build it."""
+    net = load_sampling_model(weights, which)
+    config = net.model.config
+    variance = net.variance or ("learned" if config.learn_sigma else "posterior")
+    flags = write_improved_diffusion(
+        path, config, net.diffusion.config, variance, net.model.state_dict()
+    )
+    typer.echo(f"{path}: {which} weights of {weights} in improved-diffusion's layout; its "
+               f"scripts load it with --model_path {path} {flags}")  # fmt: skip
+
+
 def convert_stage(
-    from_diffusers: Path | None, to_diffusers: Path | None, out: Path | None, weights: Path, which
+    sources: dict[str, Path | None], out: Path | None, flags: str | None, weights: Path, which
 ) -> None:
-    """The ``convert`` command: exactly one direction."""
+    """The ``convert`` command: exactly one of --from-diffusers, --to-diffusers,
+    --from-improved-diffusion, --to-improved-diffusion (``sources``, by option name)."""
     with stage_errors():
-        if (from_diffusers is None) == (to_diffusers is None):
-            raise ConversionError("give exactly one of --from-diffusers DIR or --to-diffusers DIR")
-        if from_diffusers is not None:
-            if out is None:
-                raise ConversionError(
-                    "--from-diffusers needs --out FILE: the weights file to write "
-                    "(models/ema.pt makes sample, evaluate and frontier use it)"
-                )
-            import_diffusers(from_diffusers, out)
+        given = {name: path for name, path in sources.items() if path is not None}
+        if len(given) != 1:
+            raise ConversionError(
+                "give exactly one of --from-diffusers DIR, --to-diffusers DIR, "
+                "--from-improved-diffusion FILE or --to-improved-diffusion FILE"
+            )
+        ((name, path),) = given.items()
+        if name.startswith("from") and out is None:
+            raise ConversionError(
+                f"--{name} needs --out FILE: the weights file to write "
+                "(models/ema.pt makes sample, evaluate and frontier use it)"
+            )
+        if name == "from-improved-diffusion" and flags is None:
+            raise ConversionError(
+                "--from-improved-diffusion needs --flags: the checkpoint holds no config; pass "
+                "the flags improved-diffusion's README gives with it, e.g. --flags \"--image_size "
+                "32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 "
+                '--diffusion_steps 4000 --noise_schedule cosine"'
+            )
+        if name == "from-diffusers":
+            import_diffusers(path, out)
+        elif name == "to-diffusers":
+            export_diffusers(weights, which, path)
+        elif name == "from-improved-diffusion":
+            import_improved_diffusion(path, flags, out)
         else:
-            export_diffusers(weights, which, to_diffusers)
+            export_improved_diffusion(weights, which, path)
 
 
 def _describe(d: DiffusionConfig) -> str:

@@ -139,6 +139,9 @@ def check_inputs(
     split = problems.load(load_prepared, data, "train", mmap=True) if main else None
     if net is not None:
         problems.add(sampler_problems(s, net))
+        if main and s.sampler == "ddpm" and net.variance not in (None, s.variance):
+            typer.echo(f"sample: {weights} was published to sample with variance {net.variance}; "
+                       f"sample.variance is {s.variance}")  # fmt: skip
     problems.check()
     if split is None:
         return net, None

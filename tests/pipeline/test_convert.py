@@ -92,7 +92,7 @@ def test_our_weights_export_to_a_folder_diffusers_loads(tmp_path, published):
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        ([], "give exactly one of --from-diffusers DIR or --to-diffusers DIR"),
+        ([], "give exactly one of --from-diffusers DIR, --to-diffusers DIR"),
         (["--from-diffusers", "{published}"], "--from-diffusers needs --out FILE"),
         (["--from-diffusers", "{tmp}", "--out", "x.pt"], "no config.json"),
         (["--to-diffusers", "{tmp}/out", "--weights", "{tmp}/none.pt"], "no such checkpoint"),
