@@ -125,6 +125,11 @@ def network_output(
         return model(x_t, tt).float()
     if guidance_scale == 1.0:
         return model(x_t, tt, y).float()
+    if model.null_class is None:
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs a null class, which this model was trained "
+            "without (improved-diffusion's class-conditional models): use 1.0"
+        )
     null = torch.full_like(y, model.null_class)
     both = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([y, null]))
     cond, uncond = both.float().chunk(2)

@@ -63,7 +63,11 @@ class ImageGenerator(mlflow.pyfunc.PythonModel):
         n, seed = int(row["num_images"]), int(row["seed"]) if _given(row, "seed") else s["seed"]
         if n < 1:
             raise ValueError(f"num_images={n}: ask for at least one image")
-        num_classes, out = self.net.model.config.num_classes, []
+        cfg, T = self.net.model.config, self.net.diffusion.num_timesteps
+        wrong = sampler.problems(T, cfg.num_classes is not None, cfg.learn_sigma, cfg.null_class)
+        if wrong:
+            raise ValueError(f"this request cannot be served: {'; '.join(wrong)}")
+        num_classes, out = cfg.num_classes, []
         with torch.no_grad():
             for start in range(0, n, s["batch_size"]):  # sample's batches: the same images
                 batch = range(start, min(start + s["batch_size"], n))

@@ -16,6 +16,7 @@ from ddpm.layers import (
     SinusoidalEmbedding,
     keep_mask,
 )
+from ddpm.samplers import network_output
 from ddpm.unet import UNet
 
 # Two levels at 32 px, three at 64 px; attention at 16 px in both.
@@ -200,6 +201,8 @@ def test_a_conditional_unet_without_a_null_class_needs_labels():
     assert model(x, t, torch.tensor([0, 2])).shape == x.shape
     with pytest.raises(ValueError, match="no null class"):
         model(x, t)
+    with pytest.raises(ValueError, match=r"guidance_scale=2\.0 needs a null class"):
+        network_output(model, x, t, torch.tensor([0, 2]), guidance_scale=2.0)
     assert UNet(config.model_copy(update={"null_class": True})).class_embed.num_embeddings == 4
 
 

@@ -92,6 +92,8 @@ def test_the_trained_model_is_a_registered_pyfunc_that_generates_the_sample_stag
             model.predict(pd.DataFrame({**unipc, column: [value]}))
     with pytest.raises(Exception, match="at least one image"):
         model.predict(pd.DataFrame({"num_images": [0]}))
+    with pytest.raises(Exception, match=r"guidance_scale=3\.0 needs a class-conditional model"):
+        model.predict(pd.DataFrame({"num_images": [1], "guidance_scale": [3.0]}))
     served = serve_and_post("models:/tiny-ddpm/1", uri, {"dataframe_records": [{"num_images": 2}]})
     assert np.array_equal(np.asarray(served["predictions"], dtype=np.uint8), written[:2])
 
