@@ -23,6 +23,7 @@ SamplerName = Literal["ddpm", "ddim", "dpm-solver", "unipc"]
 BH = Literal["bh1", "bh2"]
 Spacing = Literal["leading", "linspace", "trailing", "quadratic", "logsnr"]
 Variance = Literal["posterior", "beta", "learned"]
+TimestepSampler = Literal["uniform", "loss-second-moment"]
 
 
 class _Frozen(BaseModel):
@@ -179,6 +180,12 @@ class TrainConfig(_Frozen):
     hflip: bool = Field(True, description="Random horizontal flips.")
     label_dropout: float = Field(
         0.1, ge=0.0, le=1.0, description="Conditional models: P(label -> null class) for CFG."
+    )
+    timestep_sampler: TimestepSampler = Field(
+        "uniform",
+        description="How training draws t: uniform, or loss-second-moment, t drawn by the root "
+        "mean square of its last 10 losses and weighted back to an unbiased loss (Nichol & "
+        "Dhariwal 2021, sec. 3.3: for diffusion.loss vlb, whose terms differ by orders).",
     )
     val_every: int = Field(5000, ge=1, description="Validation loss every N steps.")
     val_timesteps: int = Field(10, ge=1, description="Fixed timesteps the validation loss uses.")

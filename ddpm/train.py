@@ -38,6 +38,7 @@ from ddpm.feed import Draw, draw, in_memory, make_feed
 from ddpm.pixels import to_float, to_uint8
 from ddpm.progress import Progress
 from ddpm.samplers import ddim_sample
+from ddpm.timesteps import LossSecondMoment
 from ddpm.unet import UNet
 
 COST_STEPS = 5  # steps timed, after the first (warm-up, compilation), for the cost estimate
@@ -264,9 +265,12 @@ def optimizer_step(
     config: TrainConfig,
     rng: int,
     amp: AbstractContextManager,
+    sampler: LossSecondMoment | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step on ``batch`` (x0, labels), every other random draw seeded by ``rng``:
-    (its loss terms, :func:`step_terms`; the gradient norm), tensors left on the device."""
+    (its loss terms, :func:`step_terms`; the gradient norm), tensors left on the device. With
+    a ``sampler``, t is drawn by importance and the loss weighted back (the terms reported are
+    the unweighted ones, which the sampler records)."""
     x0, y = batch
     device = x0.device
     gen = torch.Generator(device).manual_seed(rng)
@@ -274,17 +278,22 @@ def optimizer_step(
     if state.model.null_class is not None and config.label_dropout > 0:  # conditional
         drop = torch.rand(y.shape, device=device, generator=gen) < config.label_dropout
         y = torch.where(drop, state.model.null_class, y)
-    t = diffusion.sample_timesteps(x0.shape[0], device, gen)
+    if sampler is None:
+        t, weights = diffusion.sample_timesteps(x0.shape[0], device, gen), None
+    else:
+        t, weights = sampler.sample(x0.shape[0], gen)
     noise = torch.randn(x0.shape, device=device, generator=gen)
     with amp:
         terms = diffusion.training_losses(net, x0, t, noise, y)
-    loss = terms["loss"].mean()
+    loss = terms["loss"].mean() if weights is None else (terms["loss"] * weights).mean()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip = config.grad_clip if config.grad_clip is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
     state.optimizer.step()
     state.scheduler.step()
+    if sampler is not None:
+        sampler.update(t, terms["loss"])
     return step_terms(terms, t, diffusion.num_timesteps), grad_norm
 
 
@@ -371,6 +380,9 @@ class _Loop:
             make_deterministic(device)
         torch.manual_seed(seed)
         self.diffusion = GaussianDiffusion(diffusion_config).to(device)
+        importance = self.config.timestep_sampler == "loss-second-moment"
+        T = diffusion_config.timesteps
+        self.sampler = LossSecondMoment(T, device, dist.gather) if importance else None
         self.state = _build(unet_config, self.config, ema_config, device)
         self.configs = configs_to_json(*configs)
         self.last, self.best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
@@ -404,6 +416,12 @@ class _Loop:
         best = ckpt["best_val_loss"]
         self.step, self.best.loss = ckpt["step"], math.inf if best is None else best
         self.say(f"resumed from {source} at step {self.step}")
+        if self.sampler is not None:
+            if "timestep_sampler" in ckpt:
+                self.sampler.load_state_dict(ckpt["timestep_sampler"])
+            else:
+                self.say(f"{source} holds no timestep history (trained with uniform t): "
+                         "loss-second-moment starts its warm-up here")  # fmt: skip
 
     def run(self, log_every: int, progress: bool) -> Trained:
         """Train to ``train.steps`` (or an early stop): a step, then whatever is due."""
@@ -455,7 +473,7 @@ class _Loop:
         rng = step_seed(self.seed, self.dist.rank, self.step)
         batch = self.feed.batch(self.step)
         terms, self.grad_norm = optimizer_step(
-            self.state, self.net, self.diffusion, batch, self.config, rng, self.amp
+            self.state, self.net, self.diffusion, batch, self.config, rng, self.amp, self.sampler
         )
         self.terms.append(terms)
         self.step += 1
@@ -511,6 +529,8 @@ class _Loop:
             payload = training_checkpoint(
                 self.step, self.configs, s.model, s.ema, s.optimizer, s.scheduler, self.best.loss
             )
+            if self.sampler is not None:
+                payload["timestep_sampler"] = self.sampler.state_dict()
             save_checkpoint(payload, path)
 
     def preview(self) -> None:

@@ -70,19 +70,31 @@ def import_improved_diffusion(path: Path, flags: str, out: Path) -> None:
     payload = weights_payload(0, model_in.unet, model_in.diffusion, EMA(model), model, [])
     extra = {"converted_from": str(path), "flags": flags, "variance": model_in.variance}
     save_checkpoint({**payload, **extra}, out)
-    ignored = parse_flags(flags).script
+    script = parse_flags(flags).script
     typer.echo(
         f"{out}: {model.num_parameters():,} parameters from {path}, "
         f"{_describe(model_in.diffusion)}, {model_in.variance} variance."
     )
+    ignored = {k: v for k, v in script.items() if k not in TRAIN_PARAMS}
     if ignored:
-        typer.echo(f"Not carried over (its training and sampling scripts' flags): "
+        typer.echo(f"Not carried over (its sampling and housekeeping flags): "
                    f"{', '.join(f'--{k} {v}' for k, v in ignored.items())}")  # fmt: skip
+    lines = matching_params(model_in) + [
+        f"{TRAIN_PARAMS[k]}: {v}" for k, v in script.items() if k in TRAIN_PARAMS
+    ]
     typer.echo(
         "sample, evaluate, frontier and nll read the network and its diffusion from this file; "
-        "for params that agree with it (the MLflow run records them), set:\n"
-        + "\n".join(f"  {line}" for line in matching_params(model_in))
+        "for params that agree with it (the MLflow run records them; train.* and ema.* from "
+        "its training flags, to train it as they did), set:\n"
+        + "\n".join(f"  {line}" for line in lines)
     )
+
+
+# Its training script's flags that are params of ours (the values mean the same)
+TRAIN_PARAMS = {
+    "lr": "train.lr", "batch_size": "train.batch_size", "weight_decay": "train.weight_decay",
+    "schedule_sampler": "train.timestep_sampler", "ema_rate": "ema.decay",
+}  # fmt: skip
 
 
 def matching_params(model_in) -> list[str]:

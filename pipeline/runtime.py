@@ -51,8 +51,16 @@ def distributed(machine: Machine):
                 rank=torch_dist.get_rank(),
                 world_size=world_size,
                 wrap=lambda m: DistributedDataParallel(m, device_ids=ids),
+                gather=lambda x: _all_gather(x, world_size),
             ),
             device,
         )
     finally:
         torch_dist.destroy_process_group()
+
+
+def _all_gather(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every process's ``x``, concatenated in rank order (all_gather: NCCL and gloo alike)."""
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    torch_dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)

@@ -50,13 +50,15 @@ def test_an_improved_diffusion_model_is_imported_sampled_and_scored(
     tmp_path, prepared, published, monkeypatch
 ):
     project = enter_project(tmp_path / "project", prepared, PARAMS, monkeypatch)
-    args = ["--from-improved-diffusion", str(published), "--flags", f"{FLAGS} --lr 1e-4"]
+    train_flags = "--lr 1e-4 --microbatch 4 --schedule_sampler loss-second-moment"
+    args = ["--from-improved-diffusion", str(published), "--flags", f"{FLAGS} {train_flags}"]
     result = runner.invoke(app, ["convert", *args, "--out", "models/ema.pt"])
     assert result.exit_code == 0, result.output
     assert "cosine schedule, T = 100, eps prediction, learned variance" in result.output
-    assert "Not carried over (its training and sampling scripts' flags): --lr 1e-4" in result.output
+    assert "Not carried over (its sampling and housekeeping flags): --microbatch 4" in result.output
     for line in ("model.time_scale: 10.0", "model.flip_sin_to_cos: true",
-                 "diffusion.loss: hybrid", "sample.variance: learned"):  # fmt: skip
+                 "diffusion.loss: hybrid", "sample.variance: learned", "train.lr: 1e-4",
+                 "train.timestep_sampler: loss-second-moment"):  # fmt: skip
         assert f"  {line}\n" in result.output, line
     ckpt = load_checkpoint(project / "models" / "ema.pt")
     assert ckpt["variance"] == "learned" and ckpt["converted_from"] == str(published)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from stages import prepare_split, project_params
+from stages import merge, prepare_split, project_params
 from typer.testing import CliRunner
 
 from ddpm.checkpoint import load_checkpoint
@@ -201,6 +201,10 @@ def test_a_changed_model_config_trains_anew_and_refuses_the_old_checkpoint(proje
 
 
 def test_ddp_with_two_gloo_processes_trains_and_only_rank_zero_writes(project):
+    """Two processes, one job: one checkpoint and one run; the importance sampler's history
+    holds both processes' losses (all_gather)."""
+    params = merge(PARAMS, {"train": {"timestep_sampler": "loss-second-moment"}})
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPM_DEVICE": "cpu"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -214,6 +218,7 @@ def test_ddp_with_two_gloo_processes_trains_and_only_rank_zero_writes(project):
     (run_dir,) = (project / "models" / "checkpoints").iterdir()
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert ckpt["step"] == 8 and not any("module." in k for k in ckpt["model"])
+    assert int(ckpt["timestep_sampler"]["count"].sum()) == 8 * 4 * 2  # steps x batch x ranks
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
     assert len(runs) == 1
