@@ -109,3 +109,22 @@ def test_a_deterministic_resume_is_bit_identical_to_an_unbroken_run(
     for key in ("model", "ema"):
         for name, tensor in full[key].items():
             assert torch.equal(tensor, again[key][name]), (key, name)
+
+
+def test_importance_sampled_training_is_deterministic_on_the_device(
+    split, device, tmp_path, strict_mode_restored
+):
+    """loss-second-moment's history, draws and updates on the device (T = 4: warm after 5
+    steps), under deterministic kernels: two runs, the same weights."""
+    images, _ = split
+    data = (Dataset(images[:128]), Dataset(torch.from_numpy(np.asarray(images[128:]))))
+    cfg = config(deterministic=True, timestep_sampler="loss-second-moment")
+    for folder in "ab":
+        train(UNET, DiffusionConfig(timesteps=4), cfg, EMAConfig(decay=0.9), *data,
+              checkpoint_dir=tmp_path / folder, device=device, progress=False, log_every=3,
+              hooks=Hooks(log=lambda m: None))  # fmt: skip
+    a, b = (load_checkpoint(tmp_path / f / "last.pt") for f in "ab")
+    assert int(a["timestep_sampler"]["count"].min()) >= 10
+    assert torch.equal(a["timestep_sampler"]["history"], b["timestep_sampler"]["history"])
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
