@@ -129,7 +129,7 @@ def config_differences(
 ) -> list[str]:
     """Fields whose value in the checkpoint differs from the given configs, as text lines."""
     lines = []
-    saved_unet_config, saved_diffusion = configs_from_checkpoint(ckpt)  # fields it predates: old
+    saved_unet_config, saved_diffusion = configs_from_checkpoint(ckpt)  # predated fields filled
     saved_configs = configs_to_json(saved_unet_config, saved_diffusion)
     for section, config in configs_to_json(unet, diffusion).items():
         saved = saved_configs[section]

@@ -295,10 +295,9 @@ class SamplerConfig(_Frozen):
     ) -> list[str]:
         """What a model with ``num_timesteps`` steps, ``conditional`` or not, with learned
         variances or not, with a null class or not (guidance needs one), cannot do with these
-        settings, one line each (the fields are named
-        bare; callers prefix their section). The one place these limits are written:
-        params.yaml is checked with them against its own diffusion, and the sample and
-        frontier stages against the checkpoint.
+        settings, one line each (the fields are named bare; callers prefix their section).
+        The one place these limits are written: params.yaml is checked with them against its
+        own diffusion, the sample and frontier stages and the pyfunc against the checkpoint.
         """
         problems = []
         if self.steps > num_timesteps:
