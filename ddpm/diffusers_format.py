@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ddpm.config import DiffusionConfig, UNetConfig
-from ddpm.errors import CheckpointError
+from ddpm.errors import ConversionError
 from ddpm.files import atomic_write_bytes
 from ddpm.schedules import SCHEDULES, make_betas
 
@@ -50,10 +50,6 @@ USED = {
 SCALE_SHIFT = {"default": False, "scale_shift": True}  # resnet_time_scale_shift -> ours
 OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 PREDICTIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-
-
-class ConversionError(CheckpointError):
-    """A diffusers folder, or one of our models, that the other side cannot hold exactly."""
 
 
 # Configs ---------------------------------------------------------------------------------------

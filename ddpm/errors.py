@@ -10,6 +10,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or from an incompatible configuration."""
 
 
+class ConversionError(CheckpointError):
+    """Published weights (diffusers, improved-diffusion), or one of our models, that the other
+    side cannot hold exactly."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last checkpoint on disk is the last good state."""
 

@@ -32,8 +32,9 @@ import torch
 from pydantic import ValidationError
 
 from ddpm.config import DiffusionConfig, UNetConfig, Variance
-from ddpm.diffusers_format import ConversionError
+from ddpm.errors import ConversionError
 from ddpm.files import atomic_write_bytes
+from ddpm.unet import UNet
 
 # improved_diffusion.script_util.model_and_diffusion_defaults(): what a flag left out means.
 DEFAULTS: dict[str, Any] = {
@@ -322,8 +323,6 @@ def _to_theirs(value: torch.Tensor, kind: str, heads: int) -> torch.Tensor:
 
 def expected_shapes(cfg: UNetConfig) -> dict[str, torch.Size]:
     """Our UNet's parameter shapes for ``cfg``, built on the meta device (no memory, no time)."""
-    from ddpm.unet import UNet
-
     with torch.device("meta"):
         return {k: v.shape for k, v in UNet(cfg).state_dict().items()}
 

@@ -107,6 +107,16 @@ def sampling_timesteps(diffusion: GaussianDiffusion, steps: int, spacing: Spacin
 
 
 @torch.no_grad()
+def model_problems(
+    config: SamplerConfig, model: nn.Module, diffusion: GaussianDiffusion
+) -> list[str]:
+    """What ``model`` (a UNet) and its ``diffusion`` cannot do with the sampler ``config``, one
+    line each: :meth:`SamplerConfig.problems` with the model's own facts."""
+    unet = model.config
+    conditional = unet.num_classes is not None
+    return config.problems(diffusion.num_timesteps, conditional, unet.learn_sigma, unet.null_class)
+
+
 def network_output(
     model: nn.Module,
     x_t: torch.Tensor,

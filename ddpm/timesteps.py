@@ -59,7 +59,9 @@ class LossSecondMoment:
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Record the per-example ``losses`` (unweighted) at timesteps ``t``, every process's:
         each t keeps its last ``HISTORY`` (a ring per t; in a batch, later examples are newer)."""
-        t, losses = self.gather(t.detach()), self.gather(losses.detach().double())
+        # one collective a step: (t, loss) pairs, t exact in float64
+        pairs = self.gather(torch.stack([t.double(), losses.detach().double()], dim=1))
+        t, losses = pairs[:, 0].long(), pairs[:, 1]
         order = torch.argsort(t, stable=True)  # equal t: batch order kept
         t, losses = t[order], losses[order]
         seen = torch.bincount(t, minlength=self.num_timesteps)

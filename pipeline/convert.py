@@ -21,8 +21,9 @@ import typer
 
 from ddpm.checkpoint import load_sampling_model, save_checkpoint, weights_payload
 from ddpm.config import DiffusionConfig
-from ddpm.diffusers_format import ConversionError, read_diffusers, write_diffusers
+from ddpm.diffusers_format import read_diffusers, write_diffusers
 from ddpm.ema import EMA
+from ddpm.errors import ConversionError
 from ddpm.improved_diffusion_format import (
     parse_flags,
     read_improved_diffusion,
@@ -30,6 +31,7 @@ from ddpm.improved_diffusion_format import (
 )
 from ddpm.unet import UNet
 from pipeline.errors import stage_errors
+from pipeline.settings import DiffusionParams, ModelParams
 
 
 def import_diffusers(folder: Path, out: Path) -> None:
@@ -100,13 +102,13 @@ TRAIN_PARAMS = {
 def matching_params(model_in) -> list[str]:
     """The params.yaml values of an imported model, one ``key: value`` line each."""
     unet, diffusion = model_in.unet, model_in.diffusion
+    values = {
+        "model": {**unet.model_dump(mode="json"), "conditional": unet.num_classes is not None},
+        "diffusion": diffusion.model_dump(mode="json"),
+    }
     lines = [f"image_size: {unet.image_size}", f"schedule: {diffusion.schedule}"]
-    skip = {"image_size", "in_channels", "num_classes", "null_class"}
-    model = {k: v for k, v in unet.model_dump(mode="json").items() if k not in skip}
-    model["conditional"] = unet.num_classes is not None
-    lines += [f"model.{k}: {_yaml(v)}" for k, v in model.items()]
-    lines += [f"diffusion.{k}: {_yaml(v)}"
-              for k, v in diffusion.model_dump(mode="json").items() if k != "schedule"]  # fmt: skip
+    for section, params in (("model", ModelParams), ("diffusion", DiffusionParams)):
+        lines += [f"{section}.{k}: {_yaml(values[section][k])}" for k in params.model_fields]
     lines.append(f"sample.variance: {model_in.variance}")
     return lines
 

@@ -36,7 +36,7 @@ from ddpm.files import atomic_write_bytes, replace_dir
 from ddpm.generation import generate, image_labels
 from ddpm.pixels import to_uint8
 from ddpm.progress import Progress
-from ddpm.samplers import sampling_timesteps
+from ddpm.samplers import model_problems, sampling_timesteps
 from pipeline.errors import Problems, stage_errors
 from pipeline.fidelity import Extraction, UInt8Images, fidelity, label, plan, reference_cache_name
 from pipeline.outputs import save_png, write_json
@@ -63,14 +63,10 @@ class Scored(NamedTuple):
 
 def plan_points(p: Params, net: SamplingModel) -> tuple[list[Point], list[str]]:
     """The frontier's points with their honest NFE, and what the model cannot honour."""
-    diffusion, unet = net.diffusion, net.model.config
-    conditional = unet.num_classes is not None
-    points, problems = [], []
+    diffusion, points, problems = net.diffusion, [], []
     for i, entry in enumerate(p.frontier.points):
         config = entry.sampler_config(p.sample)
-        wrong = config.problems(
-            diffusion.num_timesteps, conditional, unet.learn_sigma, unet.null_class
-        )
+        wrong = model_problems(config, net.model, diffusion)
         problems += prefixed(f"frontier.points[{i}].", wrong)
         if not wrong:
             visited = sampling_timesteps(diffusion, config.steps, config.spacing)

@@ -21,6 +21,7 @@ from ddpm.checkpoint import load_sampling_model
 from ddpm.config import SamplerConfig
 from ddpm.generation import generate, image_labels
 from ddpm.pixels import to_uint8
+from ddpm.samplers import model_problems
 
 # request column -> the type a served JSON request may turn it into
 SAMPLER_COLUMNS = {"sampler": str, "steps": int, "eta": float, "spacing": str, "order": int,
@@ -63,11 +64,10 @@ class ImageGenerator(mlflow.pyfunc.PythonModel):
         n, seed = int(row["num_images"]), int(row["seed"]) if _given(row, "seed") else s["seed"]
         if n < 1:
             raise ValueError(f"num_images={n}: ask for at least one image")
-        cfg, T = self.net.model.config, self.net.diffusion.num_timesteps
-        wrong = sampler.problems(T, cfg.num_classes is not None, cfg.learn_sigma, cfg.null_class)
+        wrong = model_problems(sampler, self.net.model, self.net.diffusion)
         if wrong:
             raise ValueError(f"this request cannot be served: {'; '.join(wrong)}")
-        num_classes, out = cfg.num_classes, []
+        num_classes, out = self.net.model.config.num_classes, []
         with torch.no_grad():
             for start in range(0, n, s["batch_size"]):  # sample's batches: the same images
                 batch = range(start, min(start + s["batch_size"], n))

@@ -42,7 +42,7 @@ from ddpm.files import atomic_write_bytes, replace_dir
 from ddpm.generation import generate, image_generators, image_labels, slerp
 from ddpm.pixels import grid, to_float, to_uint8
 from ddpm.progress import Progress
-from ddpm.samplers import sampling_timesteps
+from ddpm.samplers import model_problems, sampling_timesteps
 from pipeline.errors import Problems, stage_errors
 from pipeline.model import log_image_model
 from pipeline.outputs import save_png, write_json
@@ -151,12 +151,9 @@ def check_inputs(
 
 def sampler_problems(s: SampleParams, net: SamplingModel) -> list[str]:
     """The sample settings the checkpoint must allow: steps, guidance and classes."""
-    num_classes = net.model.config.num_classes
-    T, learned = net.diffusion.num_timesteps, net.model.config.learn_sigma
-    null = net.model.config.null_class
-    problems = prefixed("sample.", s.problems(T, num_classes is not None, learned, null))
+    problems = prefixed("sample.", model_problems(s, net.model, net.diffusion))
     try:
-        image_labels([0], num_classes, s.classes)
+        image_labels([0], net.model.config.num_classes, s.classes)
     except ValueError as exc:
         problems.append(f"sample.classes: {exc}")
     return problems

@@ -53,9 +53,8 @@ def import_theirs(repo: Path):
     package = types.ModuleType("improved_diffusion")
     package.__path__ = [str(repo / "improved_diffusion")]
     sys.modules["improved_diffusion"] = package
-    from improved_diffusion import gaussian_diffusion, respace, unet
+    from improved_diffusion import gaussian_diffusion, unet
 
-    gaussian_diffusion.respace = respace  # one handle for both
     return unet, gaussian_diffusion
 
 
@@ -76,13 +75,16 @@ def their_model(unet_module, f: dict) -> torch.nn.Module:
 
 
 def their_diffusion(gd, f: dict, respacing: str = ""):
+    """Its SpacedDiffusion for the flags (all T steps unless ``respacing``)."""
+    from improved_diffusion import respace  # after import_theirs registered the package
+
     loss = (gd.LossType.RESCALED_KL if f["use_kl"] else gd.LossType.RESCALED_MSE
             if f["rescale_learned_sigmas"] else gd.LossType.MSE)  # fmt: skip
     var = (gd.ModelVarType.LEARNED_RANGE if f["learn_sigma"] else gd.ModelVarType.FIXED_SMALL
            if f["sigma_small"] else gd.ModelVarType.FIXED_LARGE)  # fmt: skip
     T = f["diffusion_steps"]
-    return gd.respace.SpacedDiffusion(
-        use_timesteps=gd.respace.space_timesteps(T, respacing or [T]),
+    return respace.SpacedDiffusion(
+        use_timesteps=respace.space_timesteps(T, respacing or [T]),
         betas=gd.get_named_beta_schedule(f["noise_schedule"], T),
         model_mean_type=gd.ModelMeanType.START_X if f["predict_xstart"]
         else gd.ModelMeanType.EPSILON,

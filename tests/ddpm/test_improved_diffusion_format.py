@@ -13,7 +13,7 @@ import torch
 from improved_reference import improved_forward, improved_shapes, improved_state
 
 from ddpm.config import DiffusionConfig, UNetConfig
-from ddpm.diffusers_format import ConversionError
+from ddpm.errors import ConversionError
 from ddpm.improved_diffusion_format import (
     DEFAULTS,
     configs_from_flags,
@@ -60,9 +60,9 @@ README = {
 
 
 def converted(flags: str, seed: int = 0) -> tuple[UNet, dict, dict]:
-    values = parse_flags(flags).values
-    theirs = improved_state(values, seed)
-    unet, _, _ = configs_from_flags(parse_flags(flags))
+    parsed = parse_flags(flags)
+    values, theirs = parsed.values, improved_state(parsed.values, seed)
+    unet, _, _ = configs_from_flags(parsed)
     model = UNet(unet).eval()
     model.load_state_dict(state_from_improved(theirs, unet))
     return model, theirs, values

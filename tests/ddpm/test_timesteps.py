@@ -69,15 +69,15 @@ def test_the_weighted_loss_is_unbiased_and_varies_less_than_uniform_draws():
 
 
 def test_the_history_is_state_and_every_processs_losses_are_recorded():
-    other_rank = (torch.tensor([1, 1]), torch.tensor([4.0, 6.0]))
-    calls = iter(other_rank * 3)
+    other_rank = torch.tensor([[1, 4.0], [1, 6.0]], dtype=torch.float64)  # its (t, loss) pairs
 
     def gather(x):  # this rank's tensor, then the other rank's, as all_gather concatenates
-        return torch.cat([x, next(calls).to(x.dtype)])
+        return torch.cat([x, other_rank])
 
     sampler = LossSecondMoment(T, gather=gather)
     sampler.update(torch.tensor([0, 3]), torch.tensor([1.0, 2.0]))
     assert sampler.count.tolist() == [1, 2, 0, 1, 0]
+    assert sampler.history[1, :2].tolist() == [4.0, 6.0]
     copy = LossSecondMoment(T)
     copy.load_state_dict(sampler.state_dict())
     assert torch.equal(copy.history, sampler.history) and torch.equal(copy.count, sampler.count)
