@@ -230,8 +230,8 @@ def project(tracker: Tracker, rec: Record, log_model: Callable[..., Any] | None 
     if not tracker.enabled:
         return False
     digest = rec.digest()
-    tags = tracker.tags()
-    if tags is None or tags.get(f"record.{rec.stage}") == digest:
+    run_tags = tracker.tags()
+    if run_tags is None or run_tags.get(f"record.{rec.stage}") == digest:
         return False
     tracker.log_series(rec.metrics)
     for manifest, split, context in rec.datasets:
@@ -242,10 +242,10 @@ def project(tracker: Tracker, rec: Record, log_model: Callable[..., Any] | None 
         assert log_model is not None, f"the {rec.stage} record has a model: pass log_model"
         sha = rec.model.sha256()
         if tracker.logged_model(sha) is None:
-            tags = {"model_sha256": sha}
-            tracker.log_model(log_model, rec.model.weights, rec.model.settings, tags)
+            model_tags = {"model_sha256": sha}
+            tracker.log_model(log_model, rec.model.weights, rec.model.settings, model_tags)
     stage = f"stage.{rec.stage}"
-    tracker.set_tags({f"record.{rec.stage}": digest, stage: tags.get(stage, "restored")})
+    tracker.set_tags({f"record.{rec.stage}": digest, stage: run_tags.get(stage, "restored")})
     return tracker.enabled
 
 

@@ -24,6 +24,7 @@ from stages import TINY_PROJECT, enter_project, prepare_split
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.projection import Model, Record, project
 from pipeline.tracking import Tracker, ui_url
 
 
@@ -169,3 +170,22 @@ def test_a_run_whose_stages_dvc_restored_holds_what_a_run_whose_stages_ran_holds
     again = run_stages("track")  # nothing twice: no metric row, model or version
     assert "record of no stage" in again and "registered" not in again
     assert run_contents(client, runs["restored"].info.run_id) == restored
+
+
+def test_a_stage_that_ran_keeps_its_tag_done_through_a_model_log(tmp_path, monkeypatch):
+    """Projecting a record that logs a model: ``stage.<name>`` stays ``done`` for a stage that
+    ran under the run, and is ``restored`` only for one the run has no tag of."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    weights = tmp_path / "ema.pt"
+    weights.write_bytes(b"weights")
+    logged = []
+    with Tracker({"seed": 0}, "track") as tracker:
+        tracker.set_tags({"stage.sample": "done"})
+        for stage, seed in (("sample", 0), ("nll", 1)):
+            rec = Record(stage, {f"{stage}/x": [(0, 1.0)]}, model=Model(weights, {"seed": seed}))
+            assert project(tracker, rec, lambda *args: logged.append(args))
+        tags = tracker.tags()
+    assert [settings for _, settings, _ in logged] == [{"seed": 0}, {"seed": 1}]  # both logged
+    assert tags["stage.sample"] == "done" and tags["stage.nll"] == "restored"
+    assert tags["record.sample"] and tags["record.nll"]
