@@ -25,7 +25,13 @@ ROOT="$(cd "$HERE/.." && pwd)"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/ddpm-gpu-check.XXXXXX)}"
+WORK="${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/ddpm-gpu-check.XXXXXX")}"
+SITE=""
+cleanup() {  # a work folder of its own (no GPU_CHECK_WORK) and the wheels' site go at exit
+  [ -n "${GPU_CHECK_WORK:-}" ] || rm -rf "$WORK"
+  [ -z "$SITE" ] || rm -rf "$SITE"
+}
+trap cleanup EXIT
 SCRATCH="$WORK/check"  # what the report is built from
 mkdir -p "$SCRATCH"
 STEPS="$SCRATCH/steps.tsv"
@@ -34,7 +40,7 @@ cd "$ROOT"
 
 export DDPM_TRACKING=false PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ -d "$HERE/wheels" ] && [ "$DRY" != "--dry" ]; then
-  SITE="$(mktemp -d /tmp/ddpm-site.XXXXXX)"
+  SITE="$(mktemp -d "${TMPDIR:-/tmp}/ddpm-site.XXXXXX")"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
     "$HERE"/wheels/*.whl || { echo "installing the bundled wheels failed" >&2; exit 3; }
   export PYTHONPATH="$SITE:$ROOT"
@@ -96,5 +102,5 @@ step bench "${LIMITS[2]}" "$PY" benchmarks/bench_gpu.py "${BENCH_ARGS[@]}" "${WE
   --json "$SCRATCH/bench.json" --markdown "$SCRATCH/bench.md"
 
 "$PY" scripts/gpu_report.py "$SCRATCH" "$OUT" || exit 4
-[ -z "${GPU_CHECK_WORK:-}" ] && rm -rf "$WORK"
+# steps.tsv is read before the work folder goes (cleanup, at exit)
 awk -F'\t' '$2 != 0 { failed = 1 } END { exit failed }' "$STEPS"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +14,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# What the check or make read from the environment; a user's shell sets none of them.
+NOT_A_USERS = ("GPU_CHECK_WORK", "DDPM_GPU_TESTS_DEVICE", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")
 
 
 @pytest.mark.slow
-def test_the_gpu_check_dry_run_passes_and_reports_every_step(tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work")}
-    env.pop("DDPM_GPU_TESTS_DEVICE", None)
+def test_the_gpu_check_dry_run_passes_and_reports_every_step():
+    """``make gpu-check-dry`` as a user runs it, in the repository, into .gpu-dry/."""
+    if subprocess.run(["make", "-q", ".venv/.installed"], cwd=ROOT).returncode != 0:
+        pytest.skip("the venv is older than the lock file: `make install` first")
+    out = ROOT / ".gpu-dry"
+    shutil.rmtree(out, ignore_errors=True)  # as on a fresh clone
+    env = {k: v for k, v in os.environ.items() if k not in NOT_A_USERS}
     result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        ["make", "gpu-check-dry"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     # at most 8 files come back from a device machine: the report, and a log a step
     assert sorted(p.name for p in out.iterdir()) == [
@@ -52,8 +57,10 @@ def test_a_failed_step_fails_the_check_and_the_others_still_run(tmp_path):
     fake.write_text(f'#!/bin/sh\ncase "$1" in scripts/gpu_report.py) exec {sys.executable} "$@";; '
                     '*) exit 7;; esac\n')  # fmt: skip
     fake.chmod(0o755)
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_WORK": str(tmp_path / "work")}
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in NOT_A_USERS}
+    env |= {"PYTHON": str(fake), "TMPDIR": str(tmp)}  # its own work folder, in tmp
     result = subprocess.run(
         ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
@@ -64,3 +71,4 @@ def test_a_failed_step_fails_the_check_and_the_others_still_run(tmp_path):
     assert [(s["step"], s["exit_code"]) for s in report["steps"]] == [
         ("tests", 7), ("stages", 7), ("bench", 7)
     ]  # fmt: skip
+    assert list(tmp.iterdir()) == []  # the work folder is gone
