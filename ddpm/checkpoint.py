@@ -27,6 +27,8 @@ An EMA state dict is the UNet's under ``module.`` plus ``num_updates``.
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -58,6 +60,7 @@ __all__ = [
     "configs_to_json",
     "load_checkpoint",
     "load_sampling_model",
+    "read_safely",
     "save_checkpoint",
     "training_checkpoint",
     "weights_payload",
@@ -75,6 +78,46 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_safely(
+    path: Path,
+    map_location: str | torch.device = "cpu",
+    error: type[CheckpointError] = CheckpointError,
+    advice: str = "",
+) -> Any:
+    """``torch.load(path, weights_only=True)``: the one place this project unpickles a file.
+
+    A file that load refuses or cannot parse raises ``error`` with one line: the file, and the
+    unpickler's own reason (then ``advice``). Torch's paragraphs are left out, among them its
+    advice to load with ``weights_only=False``, which runs whatever code the file holds.
+    """
+    try:
+        with warnings.catch_warnings():  # an old pickle protocol: torch asks for an issue
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle and zip errors alike: not a file we can read
+        reason = unpickler_reason(exc)
+        cut = isinstance(exc, EOFError) or "PytorchStreamReader" in str(exc)
+        raise error(
+            f"{path} is not a readable checkpoint, one this project can read safely ({reason})"
+            + ("; it may be truncated" if cut else "")
+            + advice
+        ) from exc
+
+
+def unpickler_reason(exc: Exception) -> str:
+    """The short reason of a failed ``torch.load(weights_only=True)``, such as ``Unsupported
+    global: GLOBAL foo.Bar`` or ``invalid load key, 'x'``: the first sentence of the weights
+    unpickler's error, without torch's advice around it."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    line = line.split(" was not an allowed global")[0].split(". ")[0].rstrip(".")[:200]
+    if isinstance(exc, pickle.UnpicklingError) and line:
+        return line
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
@@ -83,13 +126,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; train first (`pipeline train`)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); it may be "
-            "truncated. Delete it to start fresh, or restore it from the DVC cache."
-        ) from exc
+    advice = ". Delete it to start fresh, or restore it from the DVC cache"
+    ckpt = read_safely(path, map_location, advice=advice)
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         version = ckpt.get("version") if isinstance(ckpt, dict) else None
         raise CheckpointError(

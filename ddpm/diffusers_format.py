@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ddpm.checkpoint import read_safely
 from ddpm.config import DiffusionConfig, UNetConfig
 from ddpm.errors import ConversionError
 from ddpm.files import atomic_write_bytes
@@ -352,7 +353,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 from safetensors.torch import load_file
 
                 return load_file(str(path))
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return read_safely(path, error=ConversionError)
     raise ConversionError(f"{folder}: none of {list(WEIGHTS_FILES)}; download the weights too")
 
 

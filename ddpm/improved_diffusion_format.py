@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from pydantic import ValidationError
 
+from ddpm.checkpoint import read_safely
 from ddpm.config import DiffusionConfig, UNetConfig, Variance
 from ddpm.errors import ConversionError
 from ddpm.files import atomic_write_bytes
@@ -379,10 +380,7 @@ def read_improved_diffusion(path: Path, flags: str) -> Converted:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle and zip errors alike: the file is not a checkpoint
-        raise ConversionError(f"{path}: not a PyTorch checkpoint ({exc})") from exc
+    state = read_safely(path, error=ConversionError)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         what = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
         raise ConversionError(

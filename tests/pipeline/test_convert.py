@@ -103,3 +103,21 @@ def test_what_cannot_be_converted_exits_1_with_one_line(tmp_path, published, arg
     result = runner.invoke(app, ["convert", *args])
     assert result.exit_code == 1, result.output
     assert words in result.output and "Traceback" not in result.output
+
+
+class Payload:
+    """Any class: a pickle of one names it as a global to import, which weights_only refuses."""
+
+
+def test_a_bin_that_is_not_a_checkpoint_is_one_line_naming_it(tmp_path):
+    """``.bin`` weights are read as every .pt is (``ddpm.checkpoint.read_safely``)."""
+    folder = tmp_path / "published"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(UNET))
+    torch.save({"conv_in.weight": Payload()}, folder / "diffusion_pytorch_model.bin")
+    result = runner.invoke(app, ["convert", "--from-diffusers", str(folder), "--out", "x.pt"])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines() == [
+        f"error: {folder / 'diffusion_pytorch_model.bin'} is not a readable checkpoint, one "
+        f"this project can read safely (Unsupported global: GLOBAL {__name__}.Payload)"
+    ]

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from ddpm.improved_diffusion_format import parse_flags
 from pipeline.cli import app
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]
 FLAGS = ("--image_size 32 --num_channels 32 --num_res_blocks 1 --learn_sigma True "
          "--diffusion_steps 100 --noise_schedule cosine")  # fmt: skip
 # the tiny project at 32 px with params that agree with the imported model
@@ -104,3 +108,35 @@ def test_what_cannot_be_converted_exits_1_with_one_line(tmp_path, published, arg
     result = runner.invoke(app, ["convert", *args])
     assert result.exit_code == 1, result.output
     assert words in result.output and "Traceback" not in result.output
+
+
+class Payload:
+    """Any class: a pickle of one names it as a global to import, which weights_only refuses."""
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [("garbage", "(Unsupported operand 103)"),
+     ("class", f"(Unsupported global: GLOBAL {__name__}.Payload)")],
+)  # fmt: skip
+def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it_as_the_cli_runs(
+    tmp_path, content, reason
+):
+    """``python -m pipeline.cli convert``, as a user runs it: the file and the unpickler's
+    reason on one line, without torch's paragraphs (their advice to load with
+    ``weights_only=False`` runs whatever the file holds)."""
+    path = tmp_path / "garbage.pt"
+    if content == "garbage":
+        path.write_bytes(b"garbage")
+    else:
+        torch.save({"weights": Payload()}, path)
+    args = ["convert", "--from-improved-diffusion", str(path), "--flags", "", "--out", "x.pt"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=tmp_path, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout == "" and done.stderr.splitlines() == [
+        f"error: {path} is not a readable checkpoint, one this project can read safely {reason}"
+    ]
+    assert "weights_only" not in done.stderr and not (tmp_path / "x.pt").exists()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -202,6 +203,32 @@ def test_bad_checkpoints_and_params_exit_with_one_clear_line(project, change, me
     assert result.exit_code == code, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (project / "samples").exists() and not (project / ".samples.tmp").exists()
+
+
+class Payload:
+    """Any class: a pickle of one names it as a global to import, which weights_only refuses."""
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [("garbage", "Unsupported operand 103"),
+     ("class", f"Unsupported global: GLOBAL {__name__}.Payload")],
+)  # fmt: skip
+def test_weights_that_are_not_a_checkpoint_are_one_line_naming_the_file(project, content, reason):
+    """The unpickler's reason, without torch's advice to load with ``weights_only=False``."""
+    weights = project / "models" / "ema.pt"
+    if content == "garbage":
+        weights.write_bytes(b"garbage")
+    else:
+        torch.save({"ema": Payload()}, weights)
+    result = runner.invoke(app, ["sample"])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if " INFO mlflow." not in line]
+    assert lines == [  # MLflow's own log lines aside (a new store's first run)
+        "error: models/ema.pt is not a readable checkpoint, one this project can read safely "
+        f"({reason}). Delete it to start fresh, or restore it from the DVC cache"
+    ]
+    assert not (project / "samples").exists()
 
 
 def test_non_finite_samples_from_finite_weights_blame_the_sampler_settings(project, monkeypatch):
