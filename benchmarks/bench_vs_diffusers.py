@@ -6,7 +6,7 @@ every round), so that a shared machine's noise falls on both alike; every figure
 1. Training step (forward, MSE, backward, fused AdamW with the same settings) of both networks
    at batch 8, 32x32, on the CPU: fp32, fp32 channels_last, bf16 autocast, and ours under
    torch.compile. The ratio is ours / theirs (time; < 1 means ours is faster).
-2. Sampling with ``ddpm.samplers`` at batch 64: the time of one sampler step divided by the time
+2. Sampling with ``ddpm.sampling`` at batch 64: the time of one sampler step divided by the time
    of a bare network forward (1.0 = no per-step overhead), measured over the first ``k`` steps of
    DDPM-1000, DDIM-50, DPM-Solver++-20 (orders 2 and 3) and UniPC-20 (order 3, its corrector
    included) and extrapolated to the whole run; ``--full`` runs the whole samplers instead
@@ -66,7 +66,13 @@ from ddpm.generation import image_generators
 from ddpm.likelihood import variational_bound
 from ddpm.pixels import to_uint8
 from ddpm.progress import Progress
-from ddpm.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, unipc_sample
+from ddpm.sampling.api import (
+    ddim_sample,
+    ddpm_sample,
+    dpm_solver_sample,
+    heun_sample,
+    unipc_sample,
+)
 from ddpm.unet import UNet
 from pipeline.frontier import Point, render_point
 from pipeline.settings import FrontierParams, FrontierPoint
@@ -288,6 +294,18 @@ def samplers(model: nn.Module, batch: int, device: torch.device) -> dict[str, tu
         ),
         "UniPC(3)-20": (
             functools.partial(unipc_sample, model, diffusion, shape, steps=20, order=3, **kw),
+            20,
+        ),
+        "DPM-Solver++-20 karras": (
+            functools.partial(
+                dpm_solver_sample, model, diffusion, shape, steps=20, spacing="karras", **kw
+            ),
+            20,
+        ),
+        # two network evaluations a step: its step over a forward is about 2, its cost per NFE
+        # the others'
+        "Heun-20 (2 NFE a step)": (
+            functools.partial(heun_sample, model, diffusion, shape, steps=20, **kw),
             20,
         ),
     }

@@ -14,14 +14,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ddpm.sampling.table import SAMPLERS
+
 ScheduleName = Literal["linear", "cosine", "sigmoid", "dns"]
 Prediction = Literal["eps", "x0", "v"]
 LossType = Literal["l2", "l1", "hybrid", "vlb"]
 AttentionType = Literal["softmax", "linear"]
 DownsamplePadding = Literal["asymmetric", "symmetric"]
-SamplerName = Literal["ddpm", "ddim", "dpm-solver", "unipc"]
+SamplerName = Literal[tuple(SAMPLERS)]  # the table's rows: ddpm, ddim, dpm-solver, unipc, heun
 BH = Literal["bh1", "bh2"]
-Spacing = Literal["leading", "linspace", "trailing", "quadratic", "logsnr"]
+Spacing = Literal["leading", "linspace", "trailing", "quadratic", "logsnr", "karras"]
 Variance = Literal["posterior", "beta", "learned"]
 TimestepSampler = Literal["uniform", "loss-second-moment"]
 
@@ -233,37 +235,39 @@ class EMAConfig(_Frozen):
 
 
 class SamplerConfig(_Frozen):
-    """One sampler and its settings: what :func:`ddpm.samplers.sample` runs.
+    """One sampler and its settings: what :func:`ddpm.sampling.api.sample` runs.
 
-    ``eta`` applies to ddim only, ``variance`` to ddpm only, ``order`` and
-    ``lower_order_final`` to dpm-solver and unipc, ``bh`` to unipc only; the others ignore
-    them.
+    Which sampler reads which setting is :data:`ddpm.sampling.table.SAMPLERS`'s to say (and
+    nowhere else): a sampler ignores the others, and :meth:`ignored` names those set to
+    another value than their default.
     """
 
     sampler: SamplerName = Field(
         "ddim",
         description="ddpm (ancestral), ddim (Song et al. 2020), dpm-solver (DPM-Solver++, Lu et "
-        "al. 2022b), unipc (UniPC, Zhao et al. 2023: a multistep predictor and corrector).",
+        "al. 2022b), unipc (UniPC, Zhao et al. 2023: a multistep predictor and corrector), heun "
+        "(Karras et al. 2022: second order, two network evaluations a step).",
     )
-    steps: int = Field(100, ge=1, description="Network evaluations per image, at most T.")
+    steps: int = Field(100, ge=1, description="Timesteps visited per image, at most T.")
     # eta > 1 makes sigma^2 exceed 1 - abar_prev at some steps: sqrt of a negative, NaN images.
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="ddim: 0 deterministic, 1 like ddpm.")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="0 deterministic, 1 like ddpm.")
     spacing: Spacing = Field(
         "trailing",
         description="Which timesteps the steps visit: leading, linspace, trailing; quadratic "
-        "(the DDIM paper's CIFAR-10 steps) or logsnr (uniform in log-SNR, DPM-Solver's), which "
-        "visit a repeated timestep once, so they may take fewer network evaluations than steps.",
+        "(the DDIM paper's CIFAR-10 steps), logsnr (uniform in log-SNR, DPM-Solver's) or karras "
+        "(EDM's sigmas, rho 7), which visit a repeated timestep once, so they may take fewer "
+        "network evaluations than steps.",
     )
     variance: Variance = Field(
         "posterior",
-        description="ddpm: beta-tilde (posterior), beta, or the model's learned variance "
-        "(learned: models with learn_sigma).",
+        description="beta-tilde (posterior), beta, or the model's learned variance (learned: "
+        "models with learn_sigma).",
     )
     order: Literal[1, 2, 3] = Field(
         2,
-        description="dpm-solver, unipc: the multistep order. dpm-solver: 1 is DDIM, 2 "
-        "DPM-Solver++(2M), 3 its third-order form (its authors' choice for unconditional "
-        "models, Lu et al. 2022b). unipc: UniP's order (1 is DDIM), UniC adds one.",
+        description="The multistep order. dpm-solver: 1 is DDIM, 2 DPM-Solver++(2M), 3 its "
+        "third-order form (its authors' choice for unconditional models, Lu et al. 2022b). "
+        "unipc: UniP's order (1 is DDIM), UniC adds one.",
     )
     lower_order_final: bool = Field(
         True,
@@ -273,8 +277,13 @@ class SamplerConfig(_Frozen):
     )
     bh: BH = Field(
         "bh2",
-        description="unipc: its B(h), bh1 = h or bh2 = e^h - 1 (Zhao et al. 2023, sec. 3.3; "
+        description="UniPC's B(h), bh1 = h or bh2 = e^h - 1 (Zhao et al. 2023, sec. 3.3; "
         "diffusers' default and its advice: bh1 for unconditional models under 10 steps).",
+    )
+    corrector: bool = Field(
+        True,
+        description="UniPC's corrector UniC after every step but the last (no extra network "
+        "evaluation); false: the predictor UniP alone (diffusers' disable_corrector).",
     )
     clip_x0: bool = Field(True, description="Clamp the predicted x0 to [-1, 1] at every step.")
     guidance_scale: float = Field(
@@ -285,6 +294,30 @@ class SamplerConfig(_Frozen):
     def label(self) -> str:
         """A short name for tables and logs, e.g. ``ddim-50``."""
         return f"{self.sampler}-{self.steps}"
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The settings this sampler reads (its row of the table)."""
+        return SAMPLERS[self.sampler].settings
+
+    def read_settings(self) -> dict[str, object]:
+        """The settings this sampler reads, with their values: what decides its images."""
+        return {name: getattr(self, name) for name in ("sampler", *self.reads)}
+
+    def ignored(self, names: set[str] | None = None) -> list[str]:
+        """The settings among ``names`` (default: all) set to another value than their default
+        that this sampler does not read, one line each: a warning, not an error (a frontier
+        point inherits the sample section's settings, whatever its sampler)."""
+        fields = type(self).model_fields
+        lines = []
+        for name in SamplerConfig.model_fields:
+            if names is not None and name not in names:
+                continue
+            value = getattr(self, name)
+            if name not in ("sampler", *self.reads) and value != fields[name].default:
+                readers = ", ".join(n for n, row in SAMPLERS.items() if name in row.reads)
+                lines.append(f"{self.sampler} ignores {name}={value} (read by {readers})")
+        return lines
 
     def problems(
         self,

@@ -19,12 +19,8 @@ from torch import nn
 from ddpm.config import SamplerConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import NonFiniteSamplesError
-from ddpm.samplers import StepCallback, sample
-
-
-def image_seed(seed: int, index: int) -> int:
-    """The seed of image ``index`` of the set sampled with ``seed``."""
-    return (seed * 1_000_003 + index) % 2**63
+from ddpm.sampling.api import StepCallback, sample
+from ddpm.seeds import image_seed
 
 
 def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
@@ -64,7 +60,7 @@ def generate(
     seed: int,
     sampler: SamplerConfig,
     *,
-    labels: torch.Tensor | None = None,
+    classes: Sequence[int] | None = None,
     x_T: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     callback: StepCallback | None = None,
@@ -76,7 +72,8 @@ def generate(
         model: the network, on ``device``; ``model.config`` gives the image shape.
         indices: global image indices; image i's noise comes from ``image_generators(seed, [i])``.
         sampler: which sampler, with its steps, spacing and the rest.
-        labels: (B,) class labels for a conditional model, or None.
+        classes: a conditional model's labels, taken in turn by image index (None: all its
+            classes, balanced; :func:`image_labels`); must be None for an unconditional one.
         x_T: (B, C, H, W) initial noise instead of the seeded draw (the per-step noise of the
             stochastic samplers still comes from the seeded generators).
         bf16: run the network under bf16 autocast (faster on GPUs; the images move a little).
@@ -85,10 +82,12 @@ def generate(
         float (B, C, H, W) samples, nominally in [-1, 1].
 
     Raises:
+        ValueError: classes given to an unconditional model, or out of range.
         NonFiniteSamplesError: some sample holds NaN or inf, naming the image indices.
     """
     cfg = model.config
     shape = (len(indices), cfg.in_channels, cfg.image_size, cfg.image_size)
+    labels = image_labels(indices, cfg.num_classes, classes)
     with precision(device, bf16):
         x = sample(
             model,

@@ -37,7 +37,8 @@ from ddpm.errors import CheckpointError, DeterminismError, NonFiniteLossError
 from ddpm.feed import Draw, draw, in_memory, make_feed
 from ddpm.pixels import to_float, to_uint8
 from ddpm.progress import Progress
-from ddpm.samplers import ddim_sample
+from ddpm.sampling.api import ddim_sample
+from ddpm.seeds import mix
 from ddpm.timesteps import LossSecondMoment
 from ddpm.unet import UNet
 
@@ -82,7 +83,7 @@ class Trained(NamedTuple):
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of one training step on one process: a pure function of (seed, rank, step)."""
-    return ((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63
+    return mix(mix(seed, rank), step)
 
 
 DRAW, DROPOUT = 1, 2  # substreams of a step's seed; 0 (the seed itself): timesteps, noise
@@ -90,7 +91,7 @@ DRAW, DROPOUT = 1, 2  # substreams of a step's seed; 0 (the seed itself): timest
 
 def substream(rng: int, k: int) -> int:
     """Seed ``k`` of a step: distinct seeds, so batches, dropout and noise are not correlated."""
-    return (rng * 1_000_003 + k) % 2**63
+    return mix(rng, k)
 
 
 CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the workspace sizes cuBLAS is deterministic with

@@ -5,10 +5,11 @@ per-image noise as at every other point (and as in ``sample``), so two points di
 their sampler and steps. The images stay in memory as uint8 tensors and go to torch-fidelity
 directly; the reference features are the cached ones ``evaluate`` uses.
 
-NFE, the cost axis, is the number of network evaluations per image: one per visited timestep
-(DDPM, DDIM and DPM-Solver++ 2M alike), two with classifier-free guidance, which evaluates the
-conditional and the unconditional model (as the literature counts it, even though we batch the
-two into one forward pass).
+NFE, the cost axis, is the number of network evaluations per image
+(:func:`ddpm.sampling.api.nfe`): one per visited timestep (DDPM, DDIM, DPM-Solver++ and UniPC
+alike), two a step but the last for Heun, and twice that with classifier-free guidance, which
+evaluates the conditional and the unconditional model (as the literature counts it, even
+though we batch the two into one forward pass).
 
 Outputs::
 
@@ -33,10 +34,10 @@ from ddpm.config import SamplerConfig
 from ddpm.data.prepared import PreparedSplit, load_prepared
 from ddpm.figures import frontier_figure, labelled_rows
 from ddpm.files import atomic_write_bytes, replace_dir
-from ddpm.generation import generate, image_labels
+from ddpm.generation import generate
 from ddpm.pixels import to_uint8
 from ddpm.progress import Progress
-from ddpm.samplers import model_problems, sampling_timesteps
+from ddpm.sampling.api import model_problems, nfe
 from pipeline.errors import Problems, stage_errors
 from pipeline.fidelity import Extraction, UInt8Images, fidelity, label, plan, reference_cache_name
 from pipeline.outputs import save_png, write_json
@@ -69,9 +70,7 @@ def plan_points(p: Params, net: SamplingModel) -> tuple[list[Point], list[str]]:
         wrong = model_problems(config, net.model, diffusion)
         problems += prefixed(f"frontier.points[{i}].", wrong)
         if not wrong:
-            visited = sampling_timesteps(diffusion, config.steps, config.spacing)
-            nfe = len(visited) * (2 if config.guidance_scale != 1.0 else 1)
-            points.append(Point(entry.series, config, nfe))
+            points.append(Point(entry.series, config, nfe(config, diffusion)))
     return points, problems
 
 
@@ -90,8 +89,7 @@ def render_point(
     images, start = [], time.perf_counter()
     for first in range(0, f.num_images, f.batch_size):
         batch = range(first, min(first + f.batch_size, f.num_images))
-        labels = image_labels(batch, net.model.config.num_classes, classes)
-        x = generate(net.model, net.diffusion, batch, seed, point.config, labels=labels,
+        x = generate(net.model, net.diffusion, batch, seed, point.config, classes=classes,
                      device=device, bf16=bf16)  # fmt: skip
         images.append(to_uint8(x))
         bar.update(len(batch) * point.nfe)

@@ -21,11 +21,15 @@ from ddpm.checkpoint import load_sampling_model
 from ddpm.config import SamplerConfig
 from ddpm.generation import generate, image_labels
 from ddpm.pixels import to_uint8
-from ddpm.samplers import model_problems
+from ddpm.sampling.api import model_problems
+from ddpm.sampling.table import SAMPLERS
 
-# request column -> the type a served JSON request may turn it into
-SAMPLER_COLUMNS = {"sampler": str, "steps": int, "eta": float, "spacing": str, "order": int,
-                   "bh": str, "clip_x0": bool, "guidance_scale": float}  # fmt: skip
+# request column -> the type a served JSON request may turn it into: every setting a row of the
+# samplers' table reads, typed as its default
+SAMPLER_COLUMNS = {
+    name: type(SamplerConfig.model_fields[name].default)
+    for name in ("sampler", *(key for row in SAMPLERS.values() for key in row.settings))
+}
 
 
 def _given(row: Any, column: str) -> bool:
@@ -37,9 +41,10 @@ def _given(row: Any, column: str) -> bool:
 class ImageGenerator(mlflow.pyfunc.PythonModel):
     """predict(DataFrame) -> uint8 (N, H, W, 3): every row's images, in row order.
 
-    A row holds ``num_images`` and optionally ``seed``, ``sampler``, ``steps``, ``eta``,
-    ``spacing``, ``order``, ``bh``, ``clip_x0``, ``guidance_scale`` and (conditional models)
-    ``class``; what it leaves out is the experiment's own ``sample`` setting. Image i of a seed
+    A row holds ``num_images`` and optionally ``seed``, any sampler setting
+    (:data:`SAMPLER_COLUMNS`: ``sampler``, ``steps``, ``eta``, ``spacing``, ``order`` ...) and
+    (conditional models) ``class``; what it leaves out is the experiment's own ``sample``
+    setting. Image i of a seed
     is the image the sample stage writes as ``samples/images/<i>.png`` for that seed and those
     settings.
     """
@@ -67,15 +72,14 @@ class ImageGenerator(mlflow.pyfunc.PythonModel):
         wrong = model_problems(sampler, self.net.model, self.net.diffusion)
         if wrong:
             raise ValueError(f"this request cannot be served: {'; '.join(wrong)}")
-        num_classes, out = self.net.model.config.num_classes, []
+        classes, out = [int(row["class"])] if _given(row, "class") else s["classes"], []
+        if self.net.model.config.num_classes is not None:
+            image_labels([0], self.net.model.config.num_classes, classes)  # in range, or refused
         with torch.no_grad():
             for start in range(0, n, s["batch_size"]):  # sample's batches: the same images
                 batch = range(start, min(start + s["batch_size"], n))
-                labels = image_labels(batch, num_classes, s["classes"])
-                if labels is not None and _given(row, "class"):
-                    labels = torch.full((len(batch),), int(row["class"]))
                 x = generate(self.net.model, self.net.diffusion, batch, seed, sampler,
-                             labels=labels, device=self.device, bf16=s["bf16"])  # fmt: skip
+                             classes=classes, device=self.device, bf16=s["bf16"])  # fmt: skip
                 out.append(to_uint8(x).numpy())
         return np.concatenate(out)
 

@@ -42,7 +42,8 @@ from ddpm.files import atomic_write_bytes, replace_dir
 from ddpm.generation import generate, image_generators, image_labels, slerp
 from ddpm.pixels import grid, to_float, to_uint8
 from ddpm.progress import Progress
-from ddpm.samplers import model_problems, sampling_timesteps
+from ddpm.sampling.api import model_problems
+from ddpm.sampling.spacing import sampling_timesteps
 from pipeline.errors import Problems, stage_errors
 from pipeline.model import log_image_model
 from pipeline.outputs import save_png, write_json
@@ -117,11 +118,8 @@ def blame(exc: NonFiniteSamplesError, net: SamplingModel, s: SampleParams) -> Ru
     finite, else the sampler settings, which made finite weights diverge."""
     if not all(bool(torch.isfinite(p).all()) for p in net.model.state_dict().values()):
         return CheckpointError(f"{s.weights} weights: {exc}; some weights are NaN or inf")
-    settings = (
-        f"sampler={s.sampler}, steps={s.steps}, spacing={s.spacing}, eta={s.eta}, "
-        f"order={s.order}, "
-        f"clip_x0={s.clip_x0}, guidance_scale={s.guidance_scale}, bf16={s.bf16}"
-    )
+    read = s.sampler_config().read_settings()  # what this sampler reads: its row of the table
+    settings = ", ".join(f"{key}={value}" for key, value in {**read, "bf16": s.bf16}.items())
     return NonFiniteSamplesError(
         f"{exc}; the {s.weights} weights are finite, so the sampler settings diverge ({settings}): "
         "change them in params.yaml's sample section"
@@ -180,21 +178,11 @@ def render_images(
     progress: bool = True,
 ) -> None:
     """Sample each batch of image indices and write image i as ``folder/<i:06d>.png``."""
-    num_classes, sampler = net.model.config.num_classes, s.sampler_config()
-    total = sum(len(b) for b in batches)
+    sampler, total = s.sampler_config(), sum(len(b) for b in batches)
     with Progress(total, "sample", "img", enabled=progress) as bar:
         for batch in batches:
-            labels = image_labels(batch, num_classes, s.classes)
-            x = generate(
-                net.model,
-                net.diffusion,
-                batch,
-                seed,
-                sampler,
-                labels=labels,
-                device=device,
-                bf16=s.bf16,
-            )
+            x = generate(net.model, net.diffusion, batch, seed, sampler, classes=s.classes,
+                         device=device, bf16=s.bf16)  # fmt: skip
             for index, image in zip(batch, to_uint8(x), strict=True):
                 save_png(folder / f"{index:06d}.png", image)
             bar.update(len(batch))
@@ -237,17 +225,8 @@ def denoising_gif(net: SamplingModel, s: SampleParams, seed: int, device: torch.
         if step in keep:
             frames.append(_frame(to_uint8(x_t)))
 
-    generate(
-        net.model,
-        net.diffusion,
-        indices,
-        seed,
-        s.sampler_config(),
-        labels=image_labels(indices, net.model.config.num_classes, s.classes),
-        device=device,
-        callback=capture,
-        bf16=s.bf16,
-    )
+    generate(net.model, net.diffusion, indices, seed, s.sampler_config(), classes=s.classes,
+             device=device, callback=capture, bf16=s.bf16)  # fmt: skip
     buffer = io.BytesIO()
     durations = [80] * (len(frames) - 1) + [1500]  # hold the final images
     frames[0].save(
@@ -265,17 +244,8 @@ def interpolation(
     a, b = (torch.randn(shape, generator=g) for g in image_generators(seed, [0, 1]))
     x_T = slerp(a, b, torch.linspace(0, 1, s.interpolation_steps))
     indices = [0] * s.interpolation_steps  # one seed: the stochastic samplers' noise is shared
-    x = generate(
-        net.model,
-        net.diffusion,
-        indices,
-        seed,
-        s.sampler_config(),
-        labels=image_labels(indices, cfg.num_classes, s.classes),
-        x_T=x_T,
-        device=device,
-        bf16=s.bf16,
-    )
+    x = generate(net.model, net.diffusion, indices, seed, s.sampler_config(), classes=s.classes,
+                 x_T=x_T, device=device, bf16=s.bf16)  # fmt: skip
     return grid(to_uint8(x), nrow=s.interpolation_steps)
 
 

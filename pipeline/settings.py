@@ -12,6 +12,7 @@ This module imports no torch: ``--help`` and a params typo answer at once.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection
 from copy import copy
 from pathlib import Path
@@ -35,6 +36,7 @@ from ddpm.config import (
     Variance,
 )
 from ddpm.data.sources import NATIVE_SIZES
+from ddpm.sampling.table import SAMPLERS, series_part
 from pipeline.errors import ParamsError
 
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's k of the k-NN manifolds (Kynkaanniemi et al. 2019)
@@ -185,16 +187,19 @@ class _Point(Section):
     sampler: SamplerName
     steps: int
     spacing: Spacing | None
-    order: int | None
-    bh: str | None
 
     @property
     def series(self) -> str:
-        """The line this point belongs to: the sampler (``dpm-solver-3`` when the point sets an
-        order other than 2, ``unipc-bh1`` when it sets bh1), and the spacing when the point
-        sets one."""
-        name = self.sampler if self.order in (None, 2) else f"{self.sampler}-{self.order}"
-        name = name if self.bh in (None, "bh2") else f"{name}-{self.bh}"
+        """The line this point belongs to: the sampler, then each of the sampler's own settings
+        (its row of :data:`ddpm.sampling.table.SAMPLERS`) that the point sets to another value
+        than the default (``dpm-solver-3``, ``unipc-bh1``), then the spacing when the point sets
+        one (``ddim:quadratic``)."""
+        named, defaults = self.model_dump(exclude_none=True), SamplerConfig.model_fields
+        name = self.sampler + "".join(
+            series_part(key, named[key])
+            for key in SAMPLERS[self.sampler].reads
+            if key in named and named[key] != defaults[key].default
+        )
         return name if self.spacing is None else f"{name}:{self.spacing}"
 
     def sampler_config(self, sample: SampleParams) -> SamplerConfig:
@@ -332,6 +337,17 @@ class Params(Section):
             raise ValueError("\n".join(problems))
         return self
 
+    def warnings(self) -> list[str]:
+        """Settings that do nothing, one line each: a sampler setting the sampler does not
+        read (the sample section's, and those a frontier point names itself; a point inherits
+        the rest of the sample section, whatever its sampler)."""
+        lines = prefixed("sample: ", self.sample.sampler_config().ignored())
+        for i, point in enumerate(self.frontier.points):
+            named = set(point.model_dump(exclude_none=True))
+            config = point.sampler_config(self.sample)
+            lines += prefixed(f"frontier.points[{i}]: ", config.ignored(named))
+        return lines
+
     def _objective_problems(self) -> list[str]:
         """Learned variances and the loss that trains them go together."""
         loss, learned = self.diffusion.loss, self.model.learn_sigma
@@ -414,7 +430,8 @@ class Machine(BaseSettings):
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
-    """Read and validate params.yaml.
+    """Read and validate params.yaml; print a warning line for each setting that does
+    nothing (:meth:`Params.warnings`) to stderr.
 
     Raises:
         ParamsError: with the file name and every invalid key, before any work starts.
@@ -431,10 +448,13 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of keys at the top level")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         raise ParamsError(
             f"{path} is invalid:\n{exc}\nThese values are in {path} itself (`dvc exp run -S` "
             f"writes there, so every later stage fails on them too): correct them in {path}, "
             f"or restore the committed file with `git checkout {path}`."
         ) from exc
+    for line in params.warnings():
+        print(f"{path}: warning: {line}", file=sys.stderr)
+    return params

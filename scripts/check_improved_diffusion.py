@@ -29,7 +29,9 @@ from ddpm.improved_diffusion_format import (
     state_from_improved,
 )
 from ddpm.likelihood import step_bpd, strided_chain
-from ddpm.samplers import ddpm_step, predict_with_variance, sampling_timesteps
+from ddpm.sampling.ancestral import ddpm_step
+from ddpm.sampling.denoiser import predict_with_variance
+from ddpm.sampling.spacing import sampling_timesteps
 from ddpm.schedules import make_betas
 from ddpm.unet import UNet
 

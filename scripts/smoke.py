@@ -74,7 +74,7 @@ OVERRIDES = {
     "registry": {"enabled": True, "model_name": "ddpm-smoke"},  # track registers the model
     # synthetic data has no test files; 20 images x every 10th of 200 steps: 400 evaluations
     "nll": {"split": "val", "num_images": 20, "batch_size": 20, "stride": 10},
-    "frontier": {  # two samplers at two step counts
+    "frontier": {  # two samplers at two step counts, and heun
         "num_images": 25,
         "batch_size": 25,
         "points": [
@@ -82,6 +82,7 @@ OVERRIDES = {
             {"sampler": "ddim", "steps": 10},
             {"sampler": "dpm-solver", "steps": 5},
             {"sampler": "dpm-solver", "steps": 10},
+            {"sampler": "heun", "steps": 3},  # 5 NFE
         ],
     },
 }

@@ -22,7 +22,7 @@ from ddpm.unet import UNet
 GOLDEN = Path(__file__).parent / "data" / "sampler_images.pt"
 DIFFUSION = GaussianDiffusion(DiffusionConfig(schedule="linear", timesteps=50))
 SEED, INDICES = 7, [0, 3]
-LABELS = torch.tensor([1, 0])
+CLASSES = [1, 0]  # image 0 gets class 1, image 3 class 3 % 2 = 0
 SPACINGS = ("leading", "linspace", "trailing", "quadratic", "logsnr")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm-solver", "unipc")
 # settings beyond each sampler's defaults: its own knobs at other values
@@ -44,8 +44,7 @@ def configs(learned: bool) -> dict[str, dict]:
     learned-variance network's."""
     if learned:
         return {
-            f"learned/{s}": {"sampler": s, "steps": 8, "variance": "learned"}
-            for s in SAMPLER_NAMES
+            f"learned/{s}": {"sampler": s, "steps": 8, "variance": "learned"} for s in SAMPLER_NAMES
         }
     cases = {}
     for sampler in SAMPLER_NAMES:
@@ -92,13 +91,16 @@ if __name__ == "__main__":  # records the images with the code of the day
     from ddpm.config import SamplerConfig
     from ddpm.generation import generate
 
+    torch.set_num_threads(1)  # as the tests run (tests/conftest.py): the same float rounding
     out = {"images": {}}
     for seed, (kind, config) in enumerate(networks().items()):
         net = Network(config, seed)
-        labels = LABELS if kind == "conditional" else None
+        classes = CLASSES if kind == "conditional" else None
         for name, fields in configs(kind == "learned").items():
             with torch.no_grad():
-                x = generate(net, DIFFUSION, INDICES, SEED, SamplerConfig(**fields), labels=labels)
+                x = generate(
+                    net, DIFFUSION, INDICES, SEED, SamplerConfig(**fields), classes=classes
+                )
             out["images"][name] = x
     torch.save(out, GOLDEN)
     print(f"{GOLDEN}: {len(out['images'])} cases")

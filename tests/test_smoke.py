@@ -116,16 +116,17 @@ def test_a_run_whose_stages_dvc_restored_holds_what_the_run_whose_stages_ran_hol
     assert first["registered"] and first["models"] and "train/ema_decay" in first["metrics"]
 
 
-def test_smoke_frontier_scores_two_samplers_at_two_step_counts(smoke):
+def test_smoke_frontier_scores_two_samplers_at_two_step_counts_and_heun(smoke):
     tree = json.loads((smoke / "metrics" / "frontier.json").read_text())
     assert {name: sorted(points, key=int) for name, points in tree["series"].items()} == {
-        "ddim": ["5", "10"], "dpm-solver": ["5", "10"],
+        "ddim": ["5", "10"], "dpm-solver": ["5", "10"], "heun": ["3"],
     }  # fmt: skip
-    for points in tree["series"].values():
+    for name, points in tree["series"].items():
         for steps, point in points.items():
-            assert point["nfe"] == int(steps) and math.isfinite(point["fid"]), point
+            nfe = 2 * int(steps) - 1 if name == "heun" else int(steps)  # heun: 2 a step, 1 last
+            assert point["nfe"] == nfe and math.isfinite(point["fid"]), point
     rows = (smoke / "metrics" / "frontier.tsv").read_text().splitlines()
-    assert len(rows) == 5 and rows[0].startswith("series\tsteps\tnfe\tfid")
+    assert len(rows) == 6 and rows[0].startswith("series\tsteps\tnfe\tfid")
     assert (smoke / "frontier" / "fid_vs_nfe.png").is_file()
     # dvc plots renders the TSV with the frontier template: FID against log NFE, by sampler
     shown = json.loads(dvc(smoke, "plots", "show", "--json", "metrics/frontier.tsv").stdout)
@@ -134,7 +135,7 @@ def test_smoke_frontier_scores_two_samplers_at_two_step_counts(smoke):
     assert spec["encoding"]["x"]["scale"]["type"] == "log"
     assert spec["encoding"]["color"]["field"] == "series"
     values = spec["data"]["values"]
-    assert {v["series"] for v in values} == {"ddim", "dpm-solver"} and len(values) == 4
+    assert {v["series"] for v in values} == {"ddim", "dpm-solver", "heun"} and len(values) == 5
     _, runs = mlflow_runs(smoke)
     assert math.isfinite(runs[0].data.metrics["frontier/ddim/fid"])
 

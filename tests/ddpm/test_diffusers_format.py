@@ -20,7 +20,7 @@ from ddpm.diffusers_format import (
     write_diffusers,
 )
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.samplers import ddim_sample
+from ddpm.sampling.api import ddim_sample
 from ddpm.unet import UNet
 
 diffusers = pytest.importorskip("diffusers")

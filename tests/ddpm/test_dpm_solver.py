@@ -10,7 +10,9 @@ import pytest
 import torch
 from smooth import DIFFUSION, SHAPE, Smooth
 
-from ddpm.samplers import ddim_sample, dpm_solver_order, dpm_solver_sample, sampling_timesteps
+from ddpm.sampling.api import ddim_sample, dpm_solver_sample
+from ddpm.sampling.dpm_solver import dpm_solver_order
+from ddpm.sampling.spacing import sampling_timesteps
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -90,7 +92,7 @@ def test_higher_orders_converge_faster_on_a_smooth_ode():
 def test_the_sample_settings_reach_the_solver():
     """SamplerConfig's order and lower_order_final are what sample() runs dpm-solver with."""
     from ddpm.config import SamplerConfig
-    from ddpm.samplers import sample
+    from ddpm.sampling.api import sample
 
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
     config = SamplerConfig(sampler="dpm-solver", steps=8, order=3, lower_order_final=False,

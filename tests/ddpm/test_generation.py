@@ -118,9 +118,8 @@ def test_a_conditional_model_samples_with_guidance(tmp_path, tiny_checkpoint):
     assert net.class_names == ["c0", "c1", "c2"] and net.model.null_class == 3
     plain = SamplerConfig(sampler="ddim", steps=3, clip_x0=False)  # clipping hides differences
     guided = plain.model_copy(update={"guidance_scale": 3.0})
-    labels = image_labels([0, 1], 3)
-    with_cfg = generate(net.model, net.diffusion, [0, 1], 0, guided, labels=labels)
-    without = generate(net.model, net.diffusion, [0, 1], 0, plain, labels=labels)
+    with_cfg = generate(net.model, net.diffusion, [0, 1], 0, guided, classes=[0, 1])
+    without = generate(net.model, net.diffusion, [0, 1], 0, plain, classes=[0, 1])
     assert with_cfg.shape == (2, 3, 16, 16) and not torch.equal(with_cfg, without)
 
 

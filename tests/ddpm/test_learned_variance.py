@@ -14,7 +14,7 @@ from ddpm.config import DiffusionConfig, UNetConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.generation import image_generators
 from ddpm.likelihood import variational_bound
-from ddpm.samplers import ddpm_step
+from ddpm.sampling.ancestral import ddpm_step
 from ddpm.unet import UNet
 
 T = 50
@@ -205,7 +205,7 @@ def test_a_tiny_unet_trained_with_hybrid_learns_a_variance_that_tightens_its_bou
 
 def test_guidance_mixes_the_eps_half_and_keeps_the_conditional_variance():
     """out = u + s (c - u) on the first C channels; v is the conditional pass's."""
-    from ddpm.samplers import network_output
+    from ddpm.sampling.denoiser import network_output
 
     class Labelled(torch.nn.Module):
         null_class = 9

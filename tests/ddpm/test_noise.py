@@ -8,7 +8,7 @@ from ddpm.config import DiffusionConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.generation import image_generators
 from ddpm.noise import draw, step_noise
-from ddpm.samplers import ddim_sample, ddpm_sample
+from ddpm.sampling.api import ddim_sample, ddpm_sample
 
 SHAPE = (4, 3, 8, 8)
 

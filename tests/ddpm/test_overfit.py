@@ -21,7 +21,7 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.generation import image_generators
 from ddpm.likelihood import variational_bound
 from ddpm.pixels import to_float
-from ddpm.samplers import ddim_sample, dpm_solver_sample, unipc_sample
+from ddpm.sampling.api import ddim_sample, dpm_solver_sample, unipc_sample
 from ddpm.train import Dataset, Hooks, train, validation_loss
 from ddpm.unet import UNet
 

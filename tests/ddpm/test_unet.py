@@ -16,7 +16,7 @@ from ddpm.layers import (
     SinusoidalEmbedding,
     keep_mask,
 )
-from ddpm.samplers import network_output
+from ddpm.sampling.denoiser import network_output
 from ddpm.unet import UNet
 
 # Two levels at 32 px, three at 64 px; attention at 16 px in both.

@@ -11,15 +11,10 @@ import torch
 from smooth import DIFFUSION, SHAPE, Smooth
 
 from ddpm.config import SamplerConfig
-from ddpm.samplers import (
-    ddim_sample,
-    predict,
-    sample,
-    sampling_timesteps,
-    unipc_coefficients,
-    unipc_order,
-    unipc_sample,
-)
+from ddpm.sampling.api import ddim_sample, sample, unipc_sample
+from ddpm.sampling.denoiser import predict
+from ddpm.sampling.spacing import sampling_timesteps
+from ddpm.sampling.unipc import unipc_coefficients, unipc_order
 
 diffusers = pytest.importorskip("diffusers")
 

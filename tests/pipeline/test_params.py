@@ -20,7 +20,8 @@ from ddpm.config import (
     TrainConfig,
     UNetConfig,
 )
-from ddpm.samplers import SAMPLERS, SPACINGS
+from ddpm.sampling.spacing import SPACINGS
+from ddpm.sampling.table import SAMPLERS
 from ddpm.schedules import SCHEDULES
 from pipeline.cli import app
 from pipeline.settings import FrontierPoint, Params, ParamsError, load_params
