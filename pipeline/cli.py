@@ -149,6 +149,28 @@ def nll(
 
 
 @app.command()
+def edit(
+    params: Path = PARAMS,
+    models: Path = MODELS,
+    data: Path = typer.Option(Path("data/prepared"), "--data", help="Prepared data (edit.split)."),
+    out: Path = typer.Option(Path("edits"), "--out", help="The results and their grid."),
+    metrics: Path = METRICS,
+) -> None:
+    """Edit held-out images with the trained model: inpaint, sdedit or reconstruct.
+
+    edit.mode inpaint fills a seeded mask (edit.mask: box, half, lines, random) by RePaint's
+    resampled ancestral chain (edit.steps, edit.jump_length, edit.resample); sdedit noises
+    each image to t0 = edit.strength T and samples back with the sample section's sampler;
+    reconstruct inverts each image to x_T with DDIM (edit.steps) and samples it back. The
+    first edit.num_images of edit.split; writes edits/ (grid.png: input, mask or noised
+    input, result) and metrics/edit.json (the errors, PSNR or KID, NFE per image).
+    """
+    from pipeline.edit import edit_stage
+
+    edit_stage(params, models, data, out, metrics)
+
+
+@app.command()
 def track(
     params: Path = PARAMS,
     data: Path = REFERENCE,
@@ -156,6 +178,7 @@ def track(
     samples: Path = SAMPLES,
     frontier: Path = typer.Option(Path("frontier"), "--frontier", help="The frontier's figures."),
     metrics: Path = METRICS,
+    edits: Path = typer.Option(Path("edits"), "--edits", help="The edit stage's results."),
 ) -> None:
     """Complete the experiment's MLflow run from the results on disk; the last stage.
 
@@ -166,7 +189,7 @@ def track(
     from pipeline.projection import Layout
     from pipeline.track import track_stage
 
-    track_stage(params, Layout(data, models, samples, frontier, metrics))
+    track_stage(params, Layout(data, models, samples, frontier, metrics, edits))
 
 
 @app.command()

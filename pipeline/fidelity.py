@@ -201,12 +201,14 @@ def fidelity(
     seed: int,
     cache_root: Path,
     verbose: bool = True,
+    kid_subset_size: int | None = None,
 ) -> dict[str, float]:
     """One torch_fidelity.calculate_metrics call (one feature extractor), keys renamed.
 
     Args:
         images: a folder of PNGs, or a Dataset of uint8 (3, H, W) tensors (never cached).
         reference: the real images, whose features are cached under ``cache_name``.
+        kid_subset_size: instead of ``e.kid_subset_size`` (a set smaller than it).
     """
     cached = list(cache_root.glob(f"{cache_name}-*"))
     if verbose and cached:
@@ -223,7 +225,7 @@ def fidelity(
         feature_extractor_weights_path=str(extraction.weights.path),
         cuda=pick_device(Machine()).type == "cuda",
         batch_size=e.batch_size,
-        kid_subset_size=e.kid_subset_size,
+        kid_subset_size=kid_subset_size or e.kid_subset_size,
         kid_subsets=e.kid_subsets,
         isc_splits=e.isc_splits,
         prc_neighborhood=PRC_NEIGHBORHOOD,

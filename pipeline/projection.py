@@ -48,7 +48,7 @@ EVAL_NOT_LOGGED = {"reference_images", "steps"}  # numbers in eval.json that are
 FRONTIER_NOT_LOGGED = {"nfe", "images_per_second"}  # nfe is the step
 # the sample settings (samples/manifest.json) the pyfunc defaults to: the sampler's and these
 MODEL_SETTINGS = (*SamplerConfig.model_fields, "weights", "classes", "bf16", "batch_size", "seed")
-STAGES = ("train", "sample", "evaluate", "frontier", "nll")  # the stages with a record
+STAGES = ("train", "sample", "evaluate", "frontier", "nll", "edit")  # the stages with a record
 NLL_LOGGED = ("bpd", "bpd_stderr", "prior_bpd", "decoder_bpd", "num_images")
 
 
@@ -61,6 +61,7 @@ class Layout:
     samples: Path = Path("samples")
     frontier: Path = Path("frontier")
     metrics: Path = Path("metrics")
+    edits: Path = Path("edits")
 
 
 @dataclass(frozen=True)
@@ -205,12 +206,27 @@ def nll_record(layout: Layout) -> Record:
     return Record("nll", metrics, [dataset], [(path, "nll"), (terms, "nll")])
 
 
+def edit_record(layout: Layout) -> Record:
+    """metrics/edit.json (``edit/<mode>/psnr``, ``edit/<mode>/mse_known``, ...,
+    ``edit/<mode>/nfe_per_image``, ``edit/<mode>/seconds``), edits/grid.png and the file."""
+    path = layout.metrics / "edit.json"
+    summary = _json(path)
+    mode = summary["mode"]
+    numbers = {**summary["results"], "nfe_per_image": summary["nfe_per_image"],
+               "seconds": summary["seconds"]}  # fmt: skip
+    metrics: Series = {f"edit/{mode}/{k}": [(0, float(v))] for k, v in sorted(numbers.items())}
+    dataset = (_manifest(layout), summary["split"], "evaluation")
+    files = [layout.edits / "grid.png", path]
+    return Record("edit", metrics, [dataset], [(f, "edits") for f in files])
+
+
 RECORDS = {
     "train": (train_record, "train.json"),
     "sample": (sample_record, "sample.json"),
     "evaluate": (evaluate_record, "eval.json"),
     "frontier": (frontier_record, "frontier.json"),
     "nll": (nll_record, "nll.json"),
+    "edit": (edit_record, "edit.json"),
 }
 
 

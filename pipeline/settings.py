@@ -255,6 +255,37 @@ class NLLParams(Section):
     )
 
 
+class EditParams(Section):
+    """Section ``edit``: what a trained model does to held-out images: inpainting (RePaint),
+    SDEdit image-to-image, or DDIM inversion and reconstruction."""
+
+    mode: Literal["inpaint", "sdedit", "reconstruct"] = Field(
+        description="inpaint (RePaint, Lugmayr et al. 2022), sdedit (Meng et al. 2022) or "
+        "reconstruct (DDIM inversion and back, Song et al. 2020, sec. 4.3)."
+    )
+    split: Literal["val", "test", "train"] = Field(
+        description="The prepared split whose first images are edited (test: CIFAR-10 only)."
+    )
+    num_images: int = Field(ge=1, description="The first N images of the split.")
+    batch_size: int = Field(ge=1, description="Images per forward pass.")
+    steps: int = Field(
+        ge=1,
+        description="inpaint: the chain RePaint walks; reconstruct: the inversion's (and "
+        "DDIM's back); sdedit uses sample.steps.",
+    )
+    jump_length: int = Field(ge=1, description="inpaint: RePaint's jump length j.")
+    resample: int = Field(ge=1, description="inpaint: RePaint's resamplings r (1: none).")
+    mask: Literal["box", "half", "lines", "random"] = Field(
+        description="inpaint: the unknown region, seeded per image."
+    )
+    mask_fraction: float = Field(
+        gt=0.0, lt=1.0, description="inpaint: the unknown share of the image (box, lines, random)."
+    )
+    strength: float = Field(
+        gt=0.0, le=1.0, description="sdedit: the chain starts at t0 = strength T; 1: sampling."
+    )
+
+
 class RegistryParams(Section):
     """Section ``registry``: the MLflow model registry."""
 
@@ -292,6 +323,7 @@ class Params(Section):
     evaluate: EvaluateParams
     frontier: FrontierParams
     nll: NLLParams
+    edit: EditParams
     registry: RegistryParams
 
     def unet_config(self, num_classes: int | None = None) -> UNetConfig:
@@ -325,6 +357,7 @@ class Params(Section):
                 f"nll.stride={self.nll.stride} is more than T - 1 = {T - 1} (diffusion.timesteps"
                 f" - 1); choose 1 (the exact bound) to {T - 1}"
             )
+        problems += self._edit_problems()
         if self.nll.variance == "learned" and not self.model.learn_sigma:
             problems.append(
                 "nll.variance=learned needs model.learn_sigma: true; choose posterior or beta"
@@ -336,6 +369,18 @@ class Params(Section):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _edit_problems(self) -> list[str]:
+        """The edit settings against the chain (the rest are the sample section's checks)."""
+        d, T = self.edit, self.diffusion.timesteps
+        problems = []
+        if d.mode in ("inpaint", "reconstruct") and d.steps > T:
+            problems.append(f"edit.steps={d.steps} is more than T={T} (diffusion.timesteps); "
+                            f"choose edit.steps <= {T}")  # fmt: skip
+        if d.mode == "inpaint" and d.jump_length > d.steps:
+            problems.append(f"edit.jump_length={d.jump_length} is more than edit.steps="
+                            f"{d.steps}; choose a jump within the chain")  # fmt: skip
+        return problems
 
     def warnings(self) -> list[str]:
         """Settings that do nothing, one line each: a sampler setting the sampler does not

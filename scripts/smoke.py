@@ -74,6 +74,8 @@ OVERRIDES = {
     "registry": {"enabled": True, "model_name": "ddpm-smoke"},  # track registers the model
     # synthetic data has no test files; 20 images x every 10th of 200 steps: 400 evaluations
     "nll": {"split": "val", "num_images": 20, "batch_size": 20, "stride": 10},
+    # 4 val images, RePaint over 10 steps with jumps of 2 resampled twice: 20 NFE an image
+    "edit": {"num_images": 4, "batch_size": 4, "steps": 10, "jump_length": 2, "resample": 2},
     "frontier": {  # two samplers at two step counts, and heun
         "num_images": 25,
         "batch_size": 25,

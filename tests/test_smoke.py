@@ -100,7 +100,7 @@ def test_a_run_whose_stages_dvc_restored_holds_what_the_run_whose_stages_ran_hol
     copy = smoke.parent / "as-built"
     (copy / "dvc.lock").unlink()
     done = dvc(copy, "repro")
-    for stage in ("prepare", "train", "evaluate", "frontier", "nll"):
+    for stage in ("prepare", "train", "evaluate", "frontier", "nll", "edit"):
         assert f"Running stage '{stage}'" not in done.stdout, done.stdout
     assert "Running stage 'track'" in done.stdout
     (ran,), (restored,) = mlflow_runs(smoke, name_prefix="repro-")[1], mlflow_runs(copy)[1]
@@ -138,6 +138,22 @@ def test_smoke_frontier_scores_two_samplers_at_two_step_counts_and_heun(smoke):
     assert {v["series"] for v in values} == {"ddim", "dpm-solver", "heun"} and len(values) == 5
     _, runs = mlflow_runs(smoke)
     assert math.isfinite(runs[0].data.metrics["frontier/ddim/fid"])
+
+
+def test_smoke_edit_inpaints_holding_the_known_region(smoke):
+    edit = json.loads((smoke / "metrics" / "edit.json").read_text())
+    assert (edit["mode"], edit["split"], edit["num_images"]) == ("inpaint", "val", 4)
+    assert edit["results"]["mse_known"] < 1e-12 < edit["results"]["mse_unknown"], edit
+    assert edit["nfe_per_image"] > edit["settings"]["steps"]  # RePaint's jumps back cost NFE
+    assert (smoke / "edits" / "grid.png").is_file()
+    assert len(list((smoke / "edits" / "images").glob("*.png"))) == 4
+    assert len(list((smoke / "edits" / "masks").glob("*.png"))) == 4
+    client, runs = mlflow_runs(smoke)
+    run = runs[0]
+    assert (
+        run.data.metrics["edit/inpaint/mse_known"] < 1e-12 and run.data.tags["stage.edit"] == "done"
+    )
+    assert "edits" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_unchanged_pipeline_reruns_nothing(smoke):
@@ -211,3 +227,22 @@ def test_outputs_round_trip_through_a_local_dvc_remote(smoke, tmp_path):
     dvc(smoke, "pull")
     assert (smoke / "models" / "ema.pt").read_bytes() == weights
     assert (smoke / "data" / "prepared" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("mode", "keys"), [("sdedit", ("mse_to_input", "kid_mean")), ("reconstruct", ("psnr", "mse"))]
+)
+def test_each_edit_mode_runs_end_to_end_without_training(smoke, mode, keys):
+    """`dvc exp run -S edit.mode=...`: only edit (and track) run; the record is in the run."""
+    done = dvc(smoke, "exp", "run", "-n", f"edit-{mode}", "-S", f"edit.mode={mode}")
+    assert "Running stage 'edit'" in done.stdout, done.stdout
+    for stage in ("train", "sample", "frontier", "nll"):
+        assert f"Running stage '{stage}'" not in done.stdout, done.stdout
+    edit = json.loads((smoke / "metrics" / "edit.json").read_text())
+    assert edit["mode"] == mode and all(math.isfinite(edit["results"][k]) for k in keys), edit
+    assert (smoke / "edits" / "grid.png").is_file()
+    _, runs = mlflow_runs(smoke, name_prefix=f"edit-{mode}")
+    (run,) = runs
+    assert run.data.tags["stage.edit"] == "done" and run.info.status == "FINISHED"
+    for key in keys:
+        assert math.isfinite(run.data.metrics[f"edit/{mode}/{key}"]), key

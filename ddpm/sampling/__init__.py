@@ -2,6 +2,7 @@
 
 The floors, each importing only those below it::
 
+    edits.py       inpainting (RePaint), SDEdit, DDIM inversion: uses of the table's samplers
     api.py         sample() and the per-sampler shorthands: the table's rows joined to steppers
     ancestral.py ddim.py dpm_solver.py unipc.py heun.py    the steppers, one module a family
     driver.py      the chain: timesteps, per-image noise, start and end, known region, callback

@@ -77,6 +77,9 @@ TINY_PROJECT = project_params(
         "evaluate": {"reference_split": "val", "kid_subset_size": 4, "isc_splits": 2,
                      "batch_size": 16},
         "nll": {"split": "val", "num_images": 4, "batch_size": 4, "stride": 5},
+        # sdedit: the mode that reads the most (the sampler settings, the KID's evaluate keys)
+        "edit": {"mode": "sdedit", "split": "val", "num_images": 4, "batch_size": 4,
+                 "steps": 4, "jump_length": 2, "resample": 2},
         "registry": {"enabled": True, "model_name": "tiny-ddpm"},
     }
 )  # fmt: skip

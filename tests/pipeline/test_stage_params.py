@@ -20,6 +20,7 @@ from stages import TINY_PROJECT, enter_project, merge, prepare_split
 from typer.testing import CliRunner
 
 import pipeline.download
+import pipeline.edit
 import pipeline.evaluate
 import pipeline.frontier
 import pipeline.nll
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 MODULES = {"download": pipeline.download, "prepare": pipeline.prepare, "train": pipeline.train,
            "sample": pipeline.sample, "evaluate": pipeline.evaluate,
-           "frontier": pipeline.frontier, "nll": pipeline.nll,
+           "frontier": pipeline.frontier, "nll": pipeline.nll, "edit": pipeline.edit,
            "track": pipeline.track}  # fmt: skip
 
 PARAMS = merge(TINY_PROJECT, {"frontier": {"num_images": 6, "batch_size": 6, "grid_images": 2}})
@@ -158,3 +159,4 @@ def test_every_setting_a_stage_reads_is_one_of_its_params_in_dvc_yaml(
     assert {"train.lr", "ema.decay", "model.base_channels", "schedule"} <= read_by["train"]
     assert not any(n.startswith("sample.") for n in read_by["train"])
     assert {"nll.stride", "sample.clip_x0", "sample.variance"} <= read_by["nll"]
+    assert {"edit.strength", "sample.sampler", "evaluate.kid_subsets"} <= read_by["edit"]
