@@ -209,7 +209,7 @@ def run(
         "split": d.split,
         "num_images": d.num_images,
         "settings": d.model_dump(mode="json"),
-        "sampler": config.model_dump(mode="json"),
+        "sampler": config.read_settings(),  # what its sampler reads (the table's row)
         "seconds": round(seconds, 3),
         "results": numbers,
     }
@@ -274,8 +274,9 @@ def measures(
     data: Path,
     extraction: Extraction | None,
 ) -> dict[str, float]:
-    """The mode's numbers, on [-1, 1] images (PSNR on [0, 1], the usual scale)."""
-    error = (result.double() - x0.double()) ** 2
+    """The mode's numbers, on the images as they are written ([-1, 1], clamped: a result
+    past it is a saturated pixel; PSNR on [0, 1], the usual scale)."""
+    error = (result.double().clamp(-1, 1) - x0.double()) ** 2
     if p.edit.mode == "inpaint":
         known = mask.expand_as(error)
         return {"mse_known": float(error[known].mean()), "mse_unknown": float(error[~known].mean())}
