@@ -246,3 +246,8 @@ def test_each_edit_mode_runs_end_to_end_without_training(smoke, mode, keys):
     assert run.data.tags["stage.edit"] == "done" and run.info.status == "FINISHED"
     for key in keys:
         assert math.isfinite(run.data.metrics[f"edit/{mode}/{key}"]), key
+    if mode == "reconstruct":  # on the trained model the round trip sharpens with the steps
+        dvc(smoke, "exp", "run", "-n", "edit-reconstruct-50", "-S", "edit.mode=reconstruct",
+            "-S", "edit.steps=50")  # fmt: skip
+        finer = json.loads((smoke / "metrics" / "edit.json").read_text())["results"]
+        assert finer["psnr"] > edit["results"]["psnr"] + 5, (finer, edit["results"])
