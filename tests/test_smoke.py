@@ -217,26 +217,17 @@ def queued_experiments(project: Path) -> dict[str, str]:
     return swept
 
 
-def test_outputs_round_trip_through_a_local_dvc_remote(smoke, tmp_path):
-    dvc(smoke, "remote", "add", "-f", "-d", "local", str(tmp_path / "remote"))
-    dvc(smoke, "push")
-    weights = (smoke / "models" / "ema.pt").read_bytes()
-    shutil.rmtree(smoke / ".dvc" / "cache")
-    (smoke / "models" / "ema.pt").unlink()
-    shutil.rmtree(smoke / "data" / "prepared")
-    dvc(smoke, "pull")
-    assert (smoke / "models" / "ema.pt").read_bytes() == weights
-    assert (smoke / "data" / "prepared" / "manifest.json").is_file()
-
-
 @pytest.mark.parametrize(
     ("mode", "keys"), [("sdedit", ("mse_to_input", "kid_mean")), ("reconstruct", ("psnr", "mse"))]
 )
 def test_each_edit_mode_runs_end_to_end_without_training(smoke, mode, keys):
     """`dvc exp run -S edit.mode=...`: only edit (and track) run; the record is in the run."""
-    done = dvc(smoke, "exp", "run", "-n", f"edit-{mode}", "-S", f"edit.mode={mode}")
+    # the linear model (restored from the run cache): earlier tests left the workspace cosine,
+    # whose last abar is about 0, where DDIM inversion is ill-conditioned (6 dB at any steps)
+    linear = ("-S", "schedule=linear")
+    done = dvc(smoke, "exp", "run", "-n", f"edit-{mode}", "-S", f"edit.mode={mode}", *linear)
     assert "Running stage 'edit'" in done.stdout, done.stdout
-    for stage in ("train", "sample", "frontier", "nll"):
+    for stage in ("train", "frontier", "nll"):  # sample is not cached: it may rerun
         assert f"Running stage '{stage}'" not in done.stdout, done.stdout
     edit = json.loads((smoke / "metrics" / "edit.json").read_text())
     assert edit["mode"] == mode and all(math.isfinite(edit["results"][k]) for k in keys), edit
@@ -248,6 +239,18 @@ def test_each_edit_mode_runs_end_to_end_without_training(smoke, mode, keys):
         assert math.isfinite(run.data.metrics[f"edit/{mode}/{key}"]), key
     if mode == "reconstruct":  # on the trained model the round trip sharpens with the steps
         dvc(smoke, "exp", "run", "-n", "edit-reconstruct-50", "-S", "edit.mode=reconstruct",
-            "-S", "edit.steps=50")  # fmt: skip
+            "-S", "edit.steps=50", *linear)  # fmt: skip
         finer = json.loads((smoke / "metrics" / "edit.json").read_text())["results"]
         assert finer["psnr"] > edit["results"]["psnr"] + 5, (finer, edit["results"])
+
+
+def test_outputs_round_trip_through_a_local_dvc_remote(smoke, tmp_path):
+    dvc(smoke, "remote", "add", "-f", "-d", "local", str(tmp_path / "remote"))
+    dvc(smoke, "push")
+    weights = (smoke / "models" / "ema.pt").read_bytes()
+    shutil.rmtree(smoke / ".dvc" / "cache")
+    (smoke / "models" / "ema.pt").unlink()
+    shutil.rmtree(smoke / "data" / "prepared")
+    dvc(smoke, "pull")
+    assert (smoke / "models" / "ema.pt").read_bytes() == weights
+    assert (smoke / "data" / "prepared" / "manifest.json").is_file()
