@@ -28,10 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, time, statistics, torch
 torch.set_num_threads(int(sys.argv[2]))
-try:
-    from ddpm.sampling.api import ddim_sample, ddpm_sample, dpm_solver_sample, unipc_sample
-except ImportError:
+import ddpm
+assert ddpm.__file__.startswith(sys.argv[1]), (ddpm.__file__, sys.argv[1])  # this tree's
+try:  # the layout before the sampling package first: the editable install maps the new one
     from ddpm.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, unipc_sample
+except ImportError:
+    from ddpm.sampling.api import ddim_sample, ddpm_sample, dpm_solver_sample, unipc_sample
 from ddpm.config import UNetConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.unet import UNet
@@ -75,7 +77,9 @@ print(json.dumps(out))
 def run(tree: Path, threads: int) -> dict[str, float]:
     done = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(threads)], cwd=tree,
                           env={"PYTHONPATH": str(tree), "PATH": ""}, capture_output=True,
-                          text=True, check=True)  # fmt: skip
+                          text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"the sampler timing in {tree} failed:\n{done.stderr}")
     return json.loads(done.stdout)
 
 

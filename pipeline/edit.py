@@ -53,6 +53,7 @@ from ddpm.sampling.edits import (
     reconstruct_nfe,
     sdedit,
     sdedit_nfe,
+    sdedit_timestep,
 )
 from ddpm.seeds import mix
 from pipeline.errors import Problems, stage_errors
@@ -150,6 +151,11 @@ def check_inputs(
         T = net.diffusion.num_timesteps
         if d.mode != "sdedit" and d.steps > T:
             problems.add([f"edit.steps={d.steps} is more than the model's T={T}"])
+        if d.mode == "sdedit":
+            try:
+                sdedit_timestep(d.strength, T)
+            except ValueError as exc:
+                problems.add([f"edit.strength: {exc}"])
     if split is not None and len(split.images) < d.num_images:
         problems.add([f"edit.num_images={d.num_images} but the {d.split} split has "
                       f"{len(split.images)} images; choose at most that"])  # fmt: skip

@@ -154,6 +154,13 @@ def test_bad_settings_are_params_errors_naming_the_key(project, edit, words):
     assert not (project / "metrics" / "edit.json").exists()
 
 
+def test_a_strength_too_small_for_the_chain_is_refused_before_any_work(project):
+    set_params(edit={"mode": "sdedit", "strength": 0.01})  # T = 20: round(0.2) - 1 < 0
+    result = runner.invoke(app, ["edit"])
+    assert result.exit_code == 2 and "edit.strength" in result.output, result.output
+    assert "Traceback" not in result.output and not (project / "edits").exists()
+
+
 def test_more_steps_than_the_models_chain_is_refused_naming_both(project):
     set_params(edit={"mode": "reconstruct", "steps": 30})
     result = runner.invoke(app, ["edit"])
