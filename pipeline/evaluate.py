@@ -22,6 +22,7 @@ from pipeline.fidelity import (
     fidelity,
     label,
     plan,
+    protocol,
     reference_cache_name,
 )
 from pipeline.outputs import write_json
@@ -112,7 +113,18 @@ def evaluate(p: Params, data: Path, samples: Path) -> dict[str, Any]:
         "weights": _weights_name(extractions),
         "label": label(extractions, found.count),
     }
+    reference = (e.reference_split, sha, len(split.images))
+    summary["protocol"] = protocol(extractions, IMAGES, reference, seeds(found, p.seed))
     return summary
+
+
+IMAGES = "uint8 PNG files (samples/images), decoded by torch-fidelity"
+
+
+def seeds(found: Samples, seed: int) -> dict[str, Any]:
+    """The seeds behind the numbers: the samples' (image i from (seed, i)) and the metrics'."""
+    return {"sample_seed": found.manifest.get("seed"), "image_indices": f"0-{found.count - 1}",
+            "kid_subsets_seed": seed}  # fmt: skip
 
 
 def _weights_name(extractions: list[Extraction]) -> str:

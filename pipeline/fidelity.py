@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import socket
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch_fidelity
@@ -254,6 +254,34 @@ def plan(e: EvaluateParams, machine: Machine, prc: bool | None = None) -> list[E
         weights = resolve_weights(VGG16, machine.vgg16_weights or e.prc_weights)
         out.append(Extraction(VGG16, weights, {"prc": True}))
     return out
+
+
+RESIZE = (
+    "torch-fidelity's TF-exact bilinear resize to 299 px (as clean-fid's legacy_tensorflow mode,"
+    " not its default clean mode)"
+)
+
+
+def protocol(
+    extractions: list[Extraction],
+    images: str,
+    reference: tuple[str, str, int],
+    seeds: dict[str, Any],
+) -> dict[str, Any]:
+    """What the papers' protocol sections state, for the numbers these extractions give: the
+    torch-fidelity version, each extractor's weights by sha256, the resize, the images handed
+    over (``images``), the reference (split, its images' sha256, its count) and the seeds."""
+    split, sha, count = reference
+    return {
+        "torch_fidelity": torch_fidelity.__version__,
+        "feature_extractors": {x.source.extractor: x.weights.sha256 for x in extractions},
+        "resize": RESIZE,
+        "images": images,
+        "reference_split": split,
+        "reference_sha256": sha,
+        "reference_images": count,
+        "seeds": seeds,
+    }
 
 
 def label(extractions: list[Extraction], num_images: int) -> str:

@@ -87,10 +87,13 @@ class Record:
     datasets: list[tuple[dict[str, Any], str, str]] = field(default_factory=list)
     artifacts: list[tuple[Path, str]] = field(default_factory=list)  # file, artifact folder
     model: Model | None = None  # logged as the run's pyfunc ``model``
+    params: dict[str, str] = field(default_factory=dict)  # run params: what a number means
 
     def digest(self) -> str:
         """A hash of everything the record logs (files by content)."""
-        h = hashlib.sha256(json.dumps([self.stage, self.metrics], sort_keys=True).encode())
+        h = hashlib.sha256(
+            json.dumps([self.stage, self.metrics, self.params], sort_keys=True).encode()
+        )
         for manifest, split, context in self.datasets:
             h.update(f"{split}:{context}:{manifest['splits'][split]['images_sha256']}".encode())
         for path, folder in self.artifacts:
@@ -174,7 +177,20 @@ def evaluate_record(layout: Layout) -> Record:
         and key not in EVAL_NOT_LOGGED
     }  # fmt: skip
     dataset = (_manifest(layout), summary["reference_split"], "evaluation")
-    return Record("evaluate", metrics, [dataset], [(path, "metrics")])
+    # the protocol the numbers were measured under, as the run's eval.protocol.* params
+    params = flatten(summary.get("protocol", {}), "eval.protocol.")
+    return Record("evaluate", metrics, [dataset], [(path, "metrics")], params=params)
+
+
+def flatten(tree: dict[str, Any], prefix: str) -> dict[str, str]:
+    """Nested settings as MLflow params: dotted keys, values as text."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
 
 
 def frontier_record(layout: Layout) -> Record:
@@ -250,6 +266,7 @@ def project(tracker: Tracker, rec: Record, log_model: Callable[..., Any] | None 
     if run_tags is None or run_tags.get(f"record.{rec.stage}") == digest:
         return False
     tracker.log_series(rec.metrics)
+    tracker.log_params(rec.params)
     for manifest, split, context in rec.datasets:
         tracker.log_dataset(manifest, split, context)
     for path, folder in rec.artifacts:

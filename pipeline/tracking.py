@@ -153,6 +153,17 @@ class Tracker:
             except Exception as exc:
                 self._fail("logging metrics", exc)
 
+    def log_params(self, params: dict[str, str]) -> None:
+        """Log params the run does not hold yet (a param's value cannot change in MLflow)."""
+        if self.enabled and params:
+            try:
+                held = self._mlflow.get_run(self.run_id).data.params
+                new = {k: v for k, v in params.items() if k not in held}
+                if new:
+                    self._mlflow.log_params(new)
+            except Exception as exc:
+                self._fail("logging params", exc)
+
     def tags(self) -> dict[str, str] | None:
         """The run's tags (None when tracking is off)."""
         if not self.enabled:

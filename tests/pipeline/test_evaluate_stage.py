@@ -107,6 +107,31 @@ def test_fid_of_a_set_against_itself_is_zero_and_of_generated_samples_larger(
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics", "samples"} <= logged
 
+    # the protocol the papers state, with the numbers and as the run's params
+    import torch_fidelity
+
+    from ddpm.files import file_sha256
+
+    protocol = other["protocol"]
+    split_sha = json.loads((project / "data" / "prepared" / "manifest.json").read_text())
+    assert protocol == {
+        "torch_fidelity": torch_fidelity.__version__,
+        "feature_extractors": {"inception-v3-compat": file_sha256(inception_weights)},
+        "resize": protocol["resize"],
+        "images": "uint8 PNG files (samples/images), decoded by torch-fidelity",
+        "reference_split": "train",
+        "reference_sha256": split_sha["splits"]["train"]["images_sha256"],
+        "reference_images": 12,
+        "seeds": {"sample_seed": 0, "image_indices": "0-11", "kid_subsets_seed": 0},
+    }
+    assert "legacy_tensorflow" in protocol["resize"] and "TF-exact" in protocol["resize"]
+    params = run.data.params
+    assert params["eval.protocol.torch_fidelity"] == torch_fidelity.__version__
+    assert params["eval.protocol.reference_images"] == "12"
+    assert params["eval.protocol.feature_extractors.inception-v3-compat"] == file_sha256(
+        inception_weights
+    )
+
 
 def test_missing_weights_on_an_offline_machine_name_both_ways(project, monkeypatch, dead_url):
     write_samples(project / "samples", load_prepared(Path("data/prepared")).images)
