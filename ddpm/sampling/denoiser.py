@@ -55,8 +55,7 @@ class Prediction(NamedTuple):
 
 class Denoiser:
     """``denoiser(x_t, t)``: the :class:`Prediction` at the integer step ``t`` for the batch
-    x_t (B, C, H, W), with guidance when labels and a scale are given; counts its calls
-    (``evaluations``: network evaluations per image, the NFE, without guidance's doubling)."""
+    x_t (B, C, H, W), with guidance when labels and a scale are given."""
 
     def __init__(
         self,
@@ -68,10 +67,8 @@ class Denoiser:
     ) -> None:
         self.model, self.diffusion, self.y = model, diffusion, y
         self.guidance_scale, self.clip_x0 = guidance_scale, clip_x0
-        self.evaluations = 0
 
     def __call__(self, x_t: torch.Tensor, t: int) -> Prediction:
-        self.evaluations += 1
         tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         output = network_output(self.model, x_t, tt, self.y, self.guidance_scale)
         out, v = self.diffusion.split_output(output, x_t.shape[1])
