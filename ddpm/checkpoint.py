@@ -10,7 +10,9 @@ A training checkpoint (``last.pt``, ``best.pt``), written by :func:`training_che
     {"version": 1, "step": int,
      "config": {"unet": {...}, "diffusion": {...}, "train": {...}, "ema": {...}},
      "model": state_dict, "ema": EMA state_dict, "optimizer": ..., "lr_scheduler": ...,
-     "best_val_loss": float (inf before the first validation)}
+     "best": {"val_loss": {"value": float (inf before the first), "step": int | None,
+              "misses": int (evaluations since it improved)}, "fid": {...}},
+     "best_val_loss": float (best's val_loss value, for files read by older versions)}
 
 No RNG state is saved: every random draw of a training step comes from generators seeded by
 (seed, rank, step) (``ddpm.train.step_seed``), so a resume needs none, and a file written on
@@ -184,9 +186,10 @@ def training_checkpoint(
     ema: nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    best_val_loss: float,
+    best: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """Everything an exact resume needs (no RNG state: the loop seeds every step itself)."""
+    """Everything an exact resume needs (no RNG state: the loop seeds every step itself);
+    ``best``: each measure's best value, its step and the evaluations since (early stopping)."""
     return {
         "step": step,
         "config": configs,
@@ -194,7 +197,8 @@ def training_checkpoint(
         "ema": ema.state_dict(),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
-        "best_val_loss": best_val_loss,
+        "best": best,
+        "best_val_loss": best["val_loss"]["value"],
     }
 
 

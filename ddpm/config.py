@@ -166,6 +166,30 @@ class DiffusionConfig(_Frozen):
     )
 
 
+class FidConfig(_Frozen):
+    """FID and KID during training: the EMA weights sampled with fixed seeds every ``every``
+    steps (and at the last step), scored by the caller's scorer (``train(..., scorer=)``)."""
+
+    every: int = Field(
+        0, ge=0, description="Steps between evaluations, and one at the last step; 0: off."
+    )
+    num_images: int = Field(
+        1000, ge=2, description="Images sampled at each evaluation, image i from (seed, i)."
+    )
+    sampler: SamplerName = Field("ddim", description="The sampler of these images.")
+    steps: int = Field(50, ge=1, description="Its steps (its other settings: the defaults).")
+    batch_size: int = Field(256, ge=1, description="Images per forward pass, per process.")
+    reference_split: Literal["train", "val"] = Field(
+        "train", description="The prepared split the images are scored against."
+    )
+
+    def sampler_config(self) -> SamplerConfig:
+        return SamplerConfig(sampler=self.sampler, steps=self.steps)
+
+
+BestBy = Literal["val_loss", "fid"]
+
+
 class TrainConfig(_Frozen):
     """The optimisation: what ``ddpm.train.train`` needs beyond the model and the diffusion."""
 
@@ -200,6 +224,12 @@ class TrainConfig(_Frozen):
         None, ge=1, description="Stop after this many validations without improvement."
     )
     early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Improvement that counts.")
+    fid: FidConfig = Field(default_factory=FidConfig, description="FID during training.")
+    best_by: BestBy = Field(
+        "val_loss",
+        description="What best.pt and early stopping follow: the validation loss (every "
+        "val_every steps) or the FID (every fid.every steps; needs fid.every > 0).",
+    )
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     compile: bool = Field(False, description="torch.compile the model.")
     channels_last: bool = Field(True, description="channels_last memory format.")
@@ -221,6 +251,11 @@ class TrainConfig(_Frozen):
     def _check_betas(self) -> TrainConfig:
         if not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"adam_betas must lie in [0, 1); got {list(self.adam_betas)}")
+        if self.best_by == "fid" and self.fid.every == 0:
+            raise ValueError(
+                "best_by: fid needs FID during training: set fid.every to a number of steps "
+                "(e.g. the val_every), or best_by: val_loss"
+            )
         return self
 
 

@@ -37,7 +37,7 @@ from ddpm.errors import CheckpointError, DeterminismError, NonFiniteLossError
 from ddpm.feed import Draw, draw, in_memory, make_feed
 from ddpm.pixels import to_float, to_uint8
 from ddpm.progress import Progress
-from ddpm.sampling.api import ddim_sample
+from ddpm.sampling.api import ddim_sample, nfe
 from ddpm.seeds import mix
 from ddpm.timesteps import LossSecondMoment
 from ddpm.unet import UNet
@@ -63,6 +63,12 @@ class Hooks:
     log: Callable[[str], None] = print
 
 
+# FID during training (``train.fid``): called on every process at each evaluation with (step,
+# the EMA network); it samples the images (its share of them under DDP), scores them and
+# returns the same metrics on every process, "fid" among them (pipeline.quality.TrainFid).
+Scorer = Callable[[int, nn.Module], dict[str, float]]
+
+
 class TrainResult(NamedTuple):
     step: int
     best_val_loss: float
@@ -71,6 +77,10 @@ class TrainResult(NamedTuple):
     images_per_second: float
     stopped_early: bool
     resumed_from_step: int
+    best_fid: float = math.nan  # nan: no FID during training
+    best_fid_step: int | None = None
+    best_by: str = "val_loss"
+    best_step: int | None = None  # the step of best.pt
 
 
 class Trained(NamedTuple):
@@ -228,24 +238,71 @@ def _resume(state: _State, path: Path, unet_config, diffusion_config, train_conf
 
 @dataclass
 class _Best:
-    """The best validation loss so far, and early stopping on it."""
+    """The best value so far of one measure (lower is better: val_loss, fid), its step, and
+    early stopping on it: ``patience`` evaluations in a row without an improvement of at
+    least ``min_delta`` (only the measure ``train.best_by`` names stops a run)."""
 
-    loss: float
-    config: TrainConfig
-    misses: int = 0  # validations in a row without an improvement
+    patience: int | None = None
+    min_delta: float = 0.0
+    value: float = math.inf
+    step: int | None = None
+    misses: int = 0  # evaluations in a row without an improvement
 
-    def update(self, val_loss: float) -> bool:
-        """Record a validation loss; True when it improves on the best by the minimum delta."""
-        improved = val_loss < self.loss - self.config.early_stopping_min_delta
+    def update(self, value: float, step: int) -> bool:
+        """Record a value; True when it improves on the best by the minimum delta."""
+        improved = value < self.value - self.min_delta
         self.misses = 0 if improved else self.misses + 1
         if improved:
-            self.loss = val_loss
+            self.value, self.step = value, step
         return improved
 
     @property
     def stop(self) -> bool:
-        patience = self.config.early_stopping_patience
-        return patience is not None and self.misses >= patience
+        return self.patience is not None and self.misses >= self.patience
+
+    def state_dict(self) -> dict[str, float | int | None]:
+        return {"value": self.value, "step": self.step, "misses": self.misses}
+
+    def load_state_dict(self, state: dict[str, float | int | None]) -> None:
+        self.value, self.step, self.misses = state["value"], state["step"], state["misses"]
+
+
+def bests(config: TrainConfig) -> dict[str, _Best]:
+    """The measures followed, by name; ``config.best_by``'s decides best.pt and stops early."""
+    out = {}
+    for name in ("val_loss", "fid"):
+        chosen = name == config.best_by
+        out[name] = _Best(
+            config.early_stopping_patience if chosen else None,
+            config.early_stopping_min_delta if chosen else 0.0,
+        )
+    return out
+
+
+def fid_steps(config: TrainConfig) -> list[int]:
+    """The steps FID is evaluated at: every ``fid.every``, and the last one."""
+    every = config.fid.every
+    if every == 0:
+        return []
+    steps = list(range(every, config.steps + 1, every))
+    return steps if steps and steps[-1] == config.steps else [*steps, config.steps]
+
+
+@torch.no_grad()
+def forward_seconds(model: nn.Module, batch: int, device: torch.device) -> float:
+    """Seconds one forward pass of ``model`` (a UNet) takes on a batch of ``batch`` noise
+    images: the unit of a sampler's cost (one warm-up pass, then the mean of two)."""
+    cfg = model.config
+    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model(x, t)
+    sync()
+    start = time.perf_counter()
+    for _ in range(2):
+        model(x, t)
+    sync()
+    return (time.perf_counter() - start) / 2
 
 
 def _validation_set(val_data: Dataset, n: int, device: torch.device) -> Dataset:
@@ -373,9 +430,14 @@ class _Loop:
         device: torch.device,
         hooks: Hooks,
         dist: Distributed,
+        scorer: Scorer | None = None,
     ) -> None:
         unet_config, diffusion_config, self.config, ema_config = configs
         self.seed, self.device, self.hooks, self.dist = seed, device, hooks, dist
+        if self.config.fid.every and scorer is None:
+            raise ValueError("train.fid.every > 0 needs a scorer: train(..., scorer=...)")
+        self.scorer = scorer if self.config.fid.every else None
+        self.fid_at = set(fid_steps(self.config))
         self.say = hooks.log if dist.is_main else (lambda _msg: None)
         if self.config.deterministic:
             make_deterministic(device)
@@ -403,7 +465,9 @@ class _Loop:
         self.net = torch.compile(net) if self.config.compile else net
         bf16 = self.config.bf16 and device.type == "cuda"
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
-        self.step, self.best, self.window = 0, _Best(math.inf, self.config), []
+        self.step, self.window = 0, []
+        self.bests = bests(self.config)
+        self.best = self.bests[self.config.best_by]  # best.pt and early stopping
         self.terms: list[dict[str, torch.Tensor]] = []  # each step's, since the last report
         self.grad_norm = torch.tensor(math.nan)  # of the last step
 
@@ -414,8 +478,12 @@ class _Loop:
             return
         unet = self.state.model.config
         ckpt = _resume(self.state, source, unet, self.diffusion.config, self.config, self.device)
-        best = ckpt["best_val_loss"]
-        self.step, self.best.loss = ckpt["step"], math.inf if best is None else best
+        self.step = ckpt["step"]
+        if "best" in ckpt:  # every measure's best, its step and its misses
+            for name, state in ckpt["best"].items():
+                self.bests[name].load_state_dict(state)
+        elif ckpt["best_val_loss"] is not None:  # written before FID during training
+            self.bests["val_loss"].value = ckpt["best_val_loss"]
         self.say(f"resumed from {source} at step {self.step}")
         if self.sampler is not None:
             if "timestep_sampler" in ckpt:
@@ -444,20 +512,24 @@ class _Loop:
                 clock.tick(self.step)
                 end = self.step == c.steps
                 validate = end or self.step % c.val_every == 0
-                save = validate or self.step % c.checkpoint_every == 0
+                score = self.step in self.fid_at
+                save = validate or score or self.step % c.checkpoint_every == 0
                 if save or self.step % log_every == 0:
                     metrics = self.window_metrics(clock)  # raises on a non-finite loss
                     if validate:
                         metrics["val_loss"] = val_loss = self.validate()  # best.pt if better
+                    if score:
+                        metrics |= self.score()  # best.pt if better
+                        clock.lap()  # the next report's images/s counts training only
                     self.report(metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if save:
                     self.save_checkpoint(self.last)
                 if end or self.step % c.sample_every == 0:
                     self.preview()
-                if self.best.stop:  # only set on a validation step, saved just above
-                    self.say(f"early stopping at step {self.step}: no improvement in "
-                             f"{self.best.misses} validations")  # fmt: skip
+                if self.best.stop:  # only set on an evaluation step, saved just above
+                    self.say(f"early stopping at step {self.step}: no improvement of "
+                             f"{c.best_by} in {self.best.misses} evaluations")  # fmt: skip
                     break
             if math.isnan(val_loss):  # where the model stands, even with nothing left to train
                 val_loss = self.validation_loss()
@@ -485,11 +557,33 @@ class _Loop:
 
     def say_cost(self, step: int, seconds_per_step: float) -> None:
         left = self.config.steps - step
-        eta = timedelta(seconds=round(left * seconds_per_step))
-        self.say(
+        training = left * seconds_per_step
+        line = (
             f"cost: {self.config.steps:,} steps, {left:,} to go at {seconds_per_step:.3g} s/step "
-            f"on {self.device.type} (measured over {COST_STEPS} steps): about {eta} more"
+            f"on {self.device.type} (measured over {COST_STEPS} steps)"
         )
+        if self.scorer is None:
+            self.say(f"{line}: about {timedelta(seconds=round(training))} more")
+            return
+        evaluations, each = self.fid_cost(step)
+        total = training + evaluations * each
+        self.say(
+            f"{line}, and {evaluations} FID evaluations at about {each:.3g} s each (their "
+            f"network evaluations at one timed forward pass each; Inception's features add a "
+            f"little): about {timedelta(seconds=round(total))} more, the FID "
+            f"{evaluations * each / max(training, 1e-9):.1%} on top of training"
+        )
+
+    def fid_cost(self, step: int) -> tuple[int, float]:
+        """The FID evaluations after ``step``, and the seconds each one's sampling takes:
+        this process's share of the images, in batches, times the sampler's network
+        evaluations, at the time of one forward pass of the EMA network."""
+        c = self.config.fid
+        share = math.ceil(c.num_images / self.dist.world_size)
+        batch = min(c.batch_size, share)
+        calls = math.ceil(share / batch) * nfe(c.sampler_config(), self.diffusion)
+        seconds = forward_seconds(self.state.ema.module, batch, self.device)
+        return sum(1 for s in self.fid_at if s > step), calls * seconds
 
     def window_metrics(self, clock: _Clock) -> dict[str, float]:
         """The metrics of the steps since the last report, checked finite before anything is
@@ -507,11 +601,29 @@ class _Loop:
         }
 
     def validate(self) -> float:
-        """The validation loss; ``best.pt`` when it improves on the best so far."""
+        """The validation loss; ``best.pt`` when it improves on the best so far (best_by
+        val_loss)."""
         val_loss = self.validation_loss()
-        if self.best.update(val_loss):
-            self.save_checkpoint(self.best_path)
+        self.record_best("val_loss", val_loss)
         return val_loss
+
+    def score(self) -> dict[str, float]:
+        """FID (and what else the scorer gives) of the EMA weights; ``best.pt`` when the FID
+        improves on the best so far (best_by fid)."""
+        start = time.perf_counter()
+        metrics = self.scorer(self.step, self.state.ema.module)
+        fid = self.bests["fid"]
+        self.record_best("fid", metrics["fid"])
+        self.say(
+            f"fid: step {self.step}: FID {metrics['fid']:.4g}"
+            + (f", KID {metrics['kid_mean']:.4g}" if "kid_mean" in metrics else "")
+            + f" (best {fid.value:.4g} at step {fid.step}; {time.perf_counter() - start:.1f}s)"
+        )
+        return metrics
+
+    def record_best(self, name: str, value: float) -> None:
+        if self.bests[name].update(value, self.step) and name == self.config.best_by:
+            self.save_checkpoint(self.best_path)
 
     def validation_loss(self) -> float:
         """The loss of the EMA weights (the ones we sample from) on the fixed validation set."""
@@ -527,8 +639,9 @@ class _Loop:
         """Everything a resume needs, atomically, from rank 0."""
         if self.dist.is_main:
             s = self.state
+            best = {name: b.state_dict() for name, b in self.bests.items()}
             payload = training_checkpoint(
-                self.step, self.configs, s.model, s.ema, s.optimizer, s.scheduler, self.best.loss
+                self.step, self.configs, s.model, s.ema, s.optimizer, s.scheduler, best
             )
             if self.sampler is not None:
                 payload["timestep_sampler"] = self.sampler.state_dict()
@@ -542,19 +655,25 @@ class _Loop:
     def finish(self, first: int, val_loss: float, wall: float) -> Trained:
         step = self.step
         trained = (step - first) * self.config.batch_size * self.dist.world_size
+        fid = self.bests["fid"]
         result = TrainResult(
             step=step,
-            best_val_loss=self.best.loss,
+            best_val_loss=self.bests["val_loss"].value,
             final_val_loss=val_loss,
             wall_time_s=wall,
             images_per_second=trained / wall if wall > 0 else 0.0,
             stopped_early=self.best.stop,
             resumed_from_step=first,
+            best_fid=fid.value if fid.step is not None else math.nan,
+            best_fid_step=fid.step,
+            best_by=self.config.best_by,
+            best_step=self.best.step,
         )
         self.say(
             f"trained to step {step} ({step - first} this run) in {wall:.0f}s, "
             f"{result.images_per_second:.0f} img/s; val loss {val_loss:.4f}, "
-            f"best {self.best.loss:.4f}"
+            f"best {self.bests['val_loss'].value:.4f}"
+            + (f"; best FID {fid.value:.4g} at step {fid.step}" if fid.step is not None else "")
         )
         return Trained(result, self.state.ema, self.state.model)
 
@@ -600,6 +719,7 @@ def train(
     dist: Distributed | None = None,
     log_every: int = 50,
     progress: bool = True,
+    scorer: Scorer | None = None,
 ) -> Trained:
     """Train a UNet; checkpoints ``last.pt`` and ``best.pt`` go to ``checkpoint_dir``.
 
@@ -607,6 +727,7 @@ def train(
         train_data, val_data: uint8 images (N, H, W, C) and labels, on any device.
         resume: continue from ``checkpoint_dir/last.pt`` when it exists.
         resume_from: continue from this checkpoint instead; it must exist and match the model.
+        scorer: FID during training (``train_config.fid.every`` > 0): see :data:`Scorer`.
     Returns:
         the summary, the EMA and the trained model (on ``device``).
     """
@@ -618,6 +739,7 @@ def train(
         torch.device(device),
         hooks or Hooks(),
         dist or Distributed(),
+        scorer,
     )
     last = checkpoint_dir / "last.pt"
     source = resume_from or (last if resume and last.exists() else None)

@@ -138,9 +138,8 @@ def check_inputs(
     split = problems.load(_split, data, d.split)
     extraction = None
     if d.mode == "sdedit":  # KID against the reference, with the evaluate stage's features
-        e = p.evaluate
         resolved = problems.load(
-            resolve_weights, INCEPTION, machine.inception_weights or e.feature_extractor_weights
+            resolve_weights, INCEPTION, machine.inception_weights or p.inception_weights
         )
         extraction = None if resolved is None else Extraction(INCEPTION, resolved, {"kid": True})
         if d.num_images < 2:

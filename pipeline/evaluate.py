@@ -53,7 +53,7 @@ def read_samples(root: Path) -> Samples:
 
 
 def check_inputs(
-    e: EvaluateParams, samples: Path, data: Path, machine: Machine
+    e: EvaluateParams, samples: Path, data: Path, machine: Machine, inception: str
 ) -> tuple[Samples, PreparedSplit, list[Extraction]]:
     """Every input of the stage, and everything torch-fidelity would fail on or silently get
     wrong, checked before any work, every problem reported: the samples, the reference split
@@ -61,7 +61,7 @@ def check_inputs(
     problems = Problems("evaluate")
     found = problems.load(read_samples, samples)
     split = problems.load(load_prepared, data, e.reference_split)
-    extractions = problems.load(plan, e, machine)
+    extractions = problems.load(plan, e, machine, inception)
     if found is not None and split is not None:
         reference = split.images
         n = found.count
@@ -93,7 +93,7 @@ def evaluate(p: Params, data: Path, samples: Path) -> dict[str, Any]:
     e, machine = p.evaluate, Machine()
     if machine.num_threads:
         torch.set_num_threads(machine.num_threads)
-    found, split, extractions = check_inputs(e, samples, data, machine)
+    found, split, extractions = check_inputs(e, samples, data, machine, p.inception_weights)
     sha = split.manifest["splits"][e.reference_split]["images_sha256"]
     results: dict[str, float] = {}
     for x in extractions:

@@ -7,7 +7,7 @@ the training resolution. torch-fidelity caches its features under ``DDPM_FIDELIT
 second experiment on the same data, and every frontier point, skip them; the weights are part
 of the name because torch-fidelity's own key names only the extractor, not its weights.
 
-Inception weights: ``DDPM_INCEPTION_WEIGHTS`` or ``evaluate.feature_extractor_weights`` name a
+Inception weights: ``DDPM_INCEPTION_WEIGHTS`` or the top-level ``inception_weights`` name a
 local file (offline machines); otherwise the official file is fetched from torch-fidelity's
 URL into torch hub's cache, where torch-fidelity itself keeps it. Results from other weights
 (the tests' locally built file) are labelled as not real FID/IS.
@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch_fidelity
 import typer
@@ -72,7 +73,7 @@ class WeightsSource(NamedTuple):
 INCEPTION = WeightsSource(
     "inception-v3-compat",
     URL_INCEPTION_V3,
-    "evaluate.feature_extractor_weights",
+    "inception_weights",
     "DDPM_INCEPTION_WEIGHTS",
 )
 VGG16 = WeightsSource(
@@ -166,17 +167,22 @@ def write_untrained_inception_weights(path: Path, seed: int = 0) -> Path:
 
 
 class UInt8Images(Dataset):
-    """uint8 (N, H, W, 3) images as the uint8 (3, H, W) tensors torch-fidelity expects."""
+    """uint8 (N, H, W, 3) images, a tensor or an array (a memory-mapped split stays on disk),
+    as the uint8 (3, H, W) tensors torch-fidelity expects."""
 
-    def __init__(self, images: torch.Tensor) -> None:
-        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[-1] == 3
+    def __init__(self, images: torch.Tensor | np.ndarray) -> None:
+        assert str(images.dtype) in ("torch.uint8", "uint8"), images.dtype
+        assert images.ndim == 4 and images.shape[-1] == 3, images.shape
         self.images = images
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images[i].permute(2, 0, 1).contiguous()
+        image = self.images[i]
+        if not isinstance(image, torch.Tensor):
+            image = torch.from_numpy(np.array(image))  # a writable copy of the one image
+        return image.permute(2, 0, 1).contiguous()
 
 
 class Extraction(NamedTuple):
@@ -241,14 +247,15 @@ def fidelity(
     return scores
 
 
-def plan(e: EvaluateParams, machine: Machine, prc: bool | None = None) -> list[Extraction]:
-    """The extractions the chosen metrics need, weights resolved (or refused) before any work;
-    ``prc`` False leaves precision/recall out whatever ``e.prc`` says (the frontier)."""
+def plan(
+    e: EvaluateParams, machine: Machine, inception: str, prc: bool | None = None
+) -> list[Extraction]:
+    """The extractions the chosen metrics need, weights resolved (or refused) before any work:
+    ``inception`` is params.yaml's ``inception_weights`` (the environment's wins); ``prc``
+    False leaves precision/recall out whatever ``e.prc`` says (the frontier)."""
     out = []
     if e.fid or e.isc or e.kid:
-        weights = resolve_weights(
-            INCEPTION, machine.inception_weights or e.feature_extractor_weights
-        )
+        weights = resolve_weights(INCEPTION, machine.inception_weights or inception)
         out.append(Extraction(INCEPTION, weights, {"fid": e.fid, "isc": e.isc, "kid": e.kid}))
     if e.prc if prc is None else prc:
         weights = resolve_weights(VGG16, machine.vgg16_weights or e.prc_weights)

@@ -204,7 +204,7 @@ def check_inputs(
     e, problems = p.evaluate, Problems("frontier")
     net = problems.load(load_sampling_model, models / "ema.pt", p.sample.weights, device)
     split = problems.load(load_prepared, data, e.reference_split)
-    extractions = problems.load(plan, e, machine, prc=False)
+    extractions = problems.load(plan, e, machine, p.inception_weights, prc=False)
     points = []
     if net is not None:
         points, wrong = plan_points(p, net)

@@ -36,6 +36,7 @@ CURVES = {  # the train stage's step curves: file -> columns
     # the loss's terms: L_simple, and the loss in each quarter of the timestep range
     "loss_terms.tsv": ["step", "mse", "loss_q0", "loss_q1", "loss_q2", "loss_q3"],
     "vb_curve.tsv": ["step", "vb"],  # the bound's term (hybrid, vlb); empty for l2 and l1
+    "fid_curve.tsv": ["step", "fid", "kid_mean"],  # train.fid; empty when it is off
 }
 TRAIN_SUMMARY = {  # train.json key -> metric name
     "steps": "steps",
@@ -43,6 +44,8 @@ TRAIN_SUMMARY = {  # train.json key -> metric name
     "wall_time_s": "wall_time_s",
     "images_per_second": "mean_images_per_second",
     "effective_batch_size": "effective_batch_size",
+    "best_fid": "best_fid",  # with train.fid only
+    "best_fid_step": "best_fid_step",
 }
 EVAL_NOT_LOGGED = {"reference_images", "steps"}  # numbers in eval.json that are not results
 FRONTIER_NOT_LOGGED = {"nfe", "images_per_second"}  # nfe is the step
@@ -134,7 +137,7 @@ def train_record(layout: Layout) -> Record:
     """metrics/train.json, the curves, models/ema.pt and the preview grids."""
     summary = _json(layout.metrics / "train.json")
     metrics: Series = {f"train/{name}": [(0, float(summary[key]))]
-                       for key, name in TRAIN_SUMMARY.items()}  # fmt: skip
+                       for key, name in TRAIN_SUMMARY.items() if key in summary}  # fmt: skip
     curves = [layout.metrics / name for name in CURVES]
     for path in curves:
         metrics |= curve_rows(path)

@@ -149,10 +149,6 @@ class EvaluateParams(Section):
     kid_subsets: int = Field(ge=1, description="KID: number of subsets.")
     isc_splits: int = Field(ge=1, description="Inception Score: number of splits.")
     batch_size: int = Field(ge=1, description="Images per feature-extractor pass.")
-    feature_extractor_weights: str = Field(
-        description="Local Inception weights file; empty: torch-fidelity's download "
-        "(env DDPM_INCEPTION_WEIGHTS overrides)."
-    )
     prc_weights: str = Field(
         description="Local VGG16 weights for prc; empty: download (env DDPM_VGG16_WEIGHTS)."
     )
@@ -314,6 +310,10 @@ class Params(Section):
     image_size: int = Field(ge=4, description="Training resolution in pixels.")
     schedule: ScheduleName
     seed: int = Field(ge=0)
+    inception_weights: str = Field(
+        description="Local Inception weights file, for every FID (train, evaluate, frontier, "
+        "edit); empty: torch-fidelity's download (env DDPM_INCEPTION_WEIGHTS overrides)."
+    )
     data: DataParams
     model: ModelParams
     diffusion: DiffusionParams

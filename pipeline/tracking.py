@@ -153,6 +153,20 @@ class Tracker:
             except Exception as exc:
                 self._fail("logging metrics", exc)
 
+    def held_steps(self, names: set[str], group: str | None = None) -> dict[str, set[int]]:
+        """The steps the run holds of each metric ``<group>/<name>``, by name (none when
+        tracking is off or fails)."""
+        if not self.enabled:
+            return {}
+        group = group or METRIC_GROUPS.get(self.stage, self.stage)
+        try:
+            client = self._mlflow.MlflowClient()
+            history = {n: client.get_metric_history(self.run_id, f"{group}/{n}") for n in names}
+            return {n: {m.step for m in rows} for n, rows in history.items() if rows}
+        except Exception as exc:
+            self._fail("reading the run's metrics", exc)
+            return {}
+
     def log_params(self, params: dict[str, str]) -> None:
         """Log params the run does not hold yet (a param's value cannot change in MLflow)."""
         if self.enabled and params:

@@ -4,7 +4,8 @@ Outputs: ``models/checkpoints/<key>/`` (``last.pt``, ``best.pt``, the live loss 
 preview grids; not a DVC output, so DVC never deletes it and a killed ``dvc repro`` resumes,
 while the stage itself stays restorable from DVC's run cache), ``models/ema.pt``
 (the final EMA weights with their config), ``metrics/train.json`` and the curves in
-``metrics/``.
+``metrics/`` (``fid_curve.tsv``: FID and KID during training, ``train.fid``, by
+:mod:`pipeline.quality`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import typer
 from ddpm.checkpoint import save_checkpoint, weights_payload
 from ddpm.config import UNetConfig
 from ddpm.data.prepared import PreparedSplit, load_prepared
+from ddpm.diffusion import GaussianDiffusion
 from ddpm.files import atomic_write_bytes, replace_dir
 from ddpm.pixels import grid
 from ddpm.train import Dataset, Hooks, Trained, TrainResult, train
 from pipeline.errors import Problems, stage_errors
+from pipeline.fidelity import Extraction
 from pipeline.outputs import save_png, write_json
 from pipeline.projection import CURVES, Layout, format_curve_row, project, train_record
+from pipeline.quality import TrainFid, fid_extraction, fid_problems
 from pipeline.runtime import distributed
 from pipeline.settings import Machine, Params, load_params
 from pipeline.tracking import Tracker
@@ -57,7 +61,7 @@ class Curves:
         """Append the rows ``metrics`` completes; returns their values as written."""
         written = {}
         for name, columns in CURVES.items():
-            if all(c in metrics for c in columns[1:]):
+            if all(c in metrics for c in columns[1:]):  # a row is whole, or not written
                 row = format_curve_row(columns, step, metrics)
                 with open(self.folder / name, "a") as f:
                     f.write(row + "\n")
@@ -74,7 +78,7 @@ class Curves:
 RESUMABLE = {
     "steps", "val_every", "val_timesteps", "val_images", "checkpoint_every", "sample_every",
     "sample_images", "sample_steps", "compile", "early_stopping_patience",
-    "early_stopping_min_delta", "data_budget",
+    "early_stopping_min_delta", "data_budget", "fid",
 }  # fmt: skip
 
 
@@ -103,16 +107,23 @@ class Report:
 
     def __init__(self, folder: Path, tracker: Tracker) -> None:
         self.folder, self.tracker, self.curves = folder, tracker, None
+        self.held: dict[str, set[int]] = {}
 
     def hooks(self) -> Hooks:
         return Hooks(on_start=self.start, on_metrics=self.metrics, on_samples=self.samples)
 
     def start(self, step: int) -> None:
         self.curves = Curves(self.folder, step)
+        # a resumed run's run already holds the steps logged before the kill, past the
+        # checkpoint too: those are not logged twice
+        columns = {c for names in CURVES.values() for c in names[1:]}
+        self.held = self.tracker.held_steps(columns)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         """Live curves: MLflow gets each row as the curve file holds it (see projection)."""
-        self.tracker.log_metrics(self.curves.append(step, values), step)
+        written = self.curves.append(step, values)
+        new = {k: v for k, v in written.items() if step not in self.held.get(k, ())}
+        self.tracker.log_metrics(new, step)
 
     def samples(self, step: int, images: torch.Tensor) -> None:
         path = self.folder / "previews" / f"step_{step:07d}.png"
@@ -126,12 +137,12 @@ def train_stage(
     """The train stage (``pipeline train --help``): the loop of :func:`ddpm.train.train` on the
     prepared split, checkpoints in this configuration's folder, outputs when it ends."""
     with stage_errors():
-        p = load_params(params)
+        p, machine = load_params(params), Machine()
         with (
-            distributed(Machine()) as (dist, device),
+            distributed(machine) as (dist, device),
             Tracker(p.model_dump(mode="json"), "train", enabled=dist.is_main) as tracker,
         ):
-            splits = check_inputs(p, data)
+            splits, extraction = check_inputs(p, data, machine)
             num_classes = splits[0].manifest["num_classes"] if p.model.conditional else None
             unet_config = p.unet_config(num_classes)
             sha = splits[0].manifest["splits"]["train"]["images_sha256"]
@@ -144,11 +155,18 @@ def train_stage(
                            "offline on a tiny model in a few minutes.", err=True)  # fmt: skip
             tracker.log_dataset(splits[0].manifest, "train", "training")
             report = Report(checkpoints, tracker)
+            scorer = None
+            if extraction is not None:
+                reference = splits[("train", "val").index(p.train.fid.reference_split)]
+                scorer = TrainFid(
+                    p.train.fid, p.seed, GaussianDiffusion(p.diffusion_config()), reference,
+                    extraction, dist, device, machine.fidelity_cache,
+                )  # fmt: skip
             trained = train(
                 unet_config, p.diffusion_config(), p.train, p.ema,
                 *(Dataset(s.images, s.labels if num_classes else None) for s in splits),
                 checkpoint_dir=checkpoints, resume_from=resume_from, seed=p.seed,
-                device=device, resume=not fresh, hooks=report.hooks(), dist=dist,
+                device=device, resume=not fresh, hooks=report.hooks(), dist=dist, scorer=scorer,
             )  # fmt: skip
             if dist.is_main:
                 effective_batch = p.train.batch_size * dist.world_size
@@ -156,10 +174,15 @@ def train_stage(
                 publish(trained, p, splits[0], layout, effective_batch, report)
 
 
-def check_inputs(p: Params, data: Path) -> tuple[PreparedSplit, PreparedSplit]:
-    """The prepared train and val splits against the settings, checked before any work, every
-    problem reported (a checkpoint to resume is checked by the loop, against the configs)."""
+def check_inputs(
+    p: Params, data: Path, machine: Machine
+) -> tuple[tuple[PreparedSplit, PreparedSplit], Extraction | None]:
+    """The prepared train and val splits against the settings, and with ``train.fid`` the
+    Inception weights and the reference split, checked before any work, every problem
+    reported (a checkpoint to resume is checked by the loop, against the configs)."""
     problems = Problems("train")
+    fid = p.train.fid
+    extraction = problems.load(fid_extraction, machine, p.inception_weights) if fid.every else None
     splits = [problems.load(load_prepared, data, name, mmap=True) for name in ("train", "val")]
     for name, split in zip(("train", "val"), splits, strict=True):
         if split is None:
@@ -172,8 +195,10 @@ def check_inputs(p: Params, data: Path) -> tuple[PreparedSplit, PreparedSplit]:
         if p.model.conditional and not split.manifest["num_classes"]:
             problems.add([f"model.conditional is true but the prepared {name} split has no "
                           "labels: set it to false or use a labelled dataset"])  # fmt: skip
+    if fid.every and splits[("train", "val").index(fid.reference_split)] is not None:
+        problems.add(fid_problems(fid, splits[("train", "val").index(fid.reference_split)]))
     problems.check()
-    return splits[0], splits[1]
+    return (splits[0], splits[1]), extraction
 
 
 def publish(
@@ -211,9 +236,14 @@ def publish_previews(source: Path, dest: Path) -> None:
 
 
 def _summary(result: TrainResult, effective_batch: int, checkpoints: Path) -> dict:
-    """metrics/train.json."""
+    """metrics/train.json (the best FID and its step with ``train.fid``)."""
+    fid = {} if result.best_fid_step is None else {
+        "best_fid": result.best_fid, "best_fid_step": result.best_fid_step}  # fmt: skip
     return {
         "steps": result.step,
+        "best_by": result.best_by,
+        "best_step": result.best_step,
+        **fid,
         "best_val_loss": result.best_val_loss,
         "final_val_loss": result.final_val_loss,
         "wall_time_s": round(result.wall_time_s, 2),

@@ -53,6 +53,15 @@ OVERRIDES = {
         "sample_images": 16,
         "sample_steps": 10,
         "bf16": False,
+        # off in the smoke's baseline (`dvc exp run -S train.fid.every=50` turns it on): 16
+        # images of DDIM-10 against the val split, as evaluate scores the samples
+        "fid": {
+            "every": 0,
+            "num_images": 16,
+            "steps": 10,
+            "batch_size": 16,
+            "reference_split": "val",
+        },
     },
     "ema": {"decay": 0.99},
     "sample": {
@@ -67,10 +76,10 @@ OVERRIDES = {
         "reference_split": "val",
         "kid_subset_size": 25,
         "isc_splits": 5,
-        # Built by this script and DVC-tracked in the copy, so that queued experiments'
-        # temporary copies (`dvc exp run --queue`), which hold only tracked files, have it too
-        "feature_extractor_weights": "weights/inception-untrained.pth",
     },
+    # Built by this script and DVC-tracked in the copy, so that queued experiments' temporary
+    # copies (`dvc exp run --queue`), which hold only tracked files, have it too
+    "inception_weights": "weights/inception-untrained.pth",
     "registry": {"enabled": True, "model_name": "ddpm-smoke"},  # track registers the model
     # synthetic data has no test files; 20 images x every 10th of 200 steps: 400 evaluations
     "nll": {"split": "val", "num_images": 20, "batch_size": 20, "stride": 10},
@@ -120,7 +129,7 @@ def make_copy(dest: Path, extra_overrides: dict | None = None) -> None:
         shutil.copy2(ROOT / name, target)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = merge(merge(params, OVERRIDES), extra_overrides or {})
-    write_untrained_inception_weights(dest / params["evaluate"]["feature_extractor_weights"])
+    write_untrained_inception_weights(dest / params["inception_weights"])
     (dest / "params.yaml").write_text(
         "# Smoke-test params, written by scripts/smoke.py from the project's params.yaml\n"
         + yaml.safe_dump(params, sort_keys=False)
@@ -152,8 +161,8 @@ def main() -> None:
     make_copy(dest)
     env = environment(dest)
     run(["git", "init", "-q", "-b", "main"], dest, env)
-    weights = yaml.safe_load((dest / "params.yaml").read_text())["evaluate"]
-    run([sys.executable, "-m", "dvc", "add", "-q", weights["feature_extractor_weights"]], dest, env)
+    weights = yaml.safe_load((dest / "params.yaml").read_text())["inception_weights"]
+    run([sys.executable, "-m", "dvc", "add", "-q", weights], dest, env)
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-q", "-m", "smoke copy"], dest, env)
     run([sys.executable, "-m", "dvc", "repro"], dest, env)

@@ -75,7 +75,7 @@ def write_params(work: Path, preset: str, settings: list[dict]) -> dict:
     from pipeline.fidelity import write_untrained_inception_weights
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for overrides in [PRESETS[preset], {"evaluate": {"feature_extractor_weights": WEIGHTS}}]:
+    for overrides in [PRESETS[preset], {"inception_weights": WEIGHTS}]:
         params = merge(params, overrides)
     for overrides in settings:
         params = merge(params, overrides)

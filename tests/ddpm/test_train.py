@@ -6,13 +6,14 @@ import torch
 from tiny import tiny_unet
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ddpm.config import DiffusionConfig, EMAConfig, TrainConfig
+from ddpm.config import DiffusionConfig, EMAConfig, FidConfig, TrainConfig
 from ddpm.data.synthetic import make_synthetic
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import DeterminismError, NonFiniteLossError
 from ddpm.train import (
     Dataset,
     Hooks,
+    fid_steps,
     lr_factor,
     train,
     validation_loss,
@@ -139,7 +140,8 @@ def test_a_best_validation_loss_of_zero_survives_a_resume(tmp_path, data):
     """0.0 is a loss like any other: a resumed run must not read it as "no best yet"."""
     run(tmp_path, data, short(steps=6))
     ckpt = load_checkpoint(tmp_path / "last.pt")
-    save_checkpoint({**ckpt, "best_val_loss": 0.0}, tmp_path / "last.pt")
+    best = {**ckpt["best"], "val_loss": {**ckpt["best"]["val_loss"], "value": 0.0}}
+    save_checkpoint({**ckpt, "best": best}, tmp_path / "last.pt")
     result, *_ = run(tmp_path, data, short(steps=12))
     assert result.resumed_from_step == 6 and result.best_val_loss == 0.0
     assert not (tmp_path / "best.pt").exists() or load_checkpoint(tmp_path / "best.pt")["step"] <= 6
@@ -300,3 +302,75 @@ def test_the_report_averages_each_term_and_the_loss_of_each_quarter_of_the_times
     report = window_terms([first, second])
     assert report == pytest.approx({"mse": 3.5, "vb": 0.4, "loss_q0": 2.0, "loss_q1": 5.0,
                                     "loss_q3": 7.0})  # fmt: skip
+
+
+class ScriptedScorer:
+    """A scorer whose FID is scripted by step (the loop's bookkeeping is under test, not the
+    metric), recording the steps and the network it was handed."""
+
+    def __init__(self, fids: dict[int, float]) -> None:
+        self.fids, self.calls = fids, []
+
+    def __call__(self, step: int, model) -> dict[str, float]:
+        self.calls.append((step, model))
+        return {"fid": self.fids[step], "kid_mean": self.fids[step] / 100}
+
+
+def fid_config(**kw) -> TrainConfig:
+    fid = FidConfig(every=3, num_images=4, steps=2, batch_size=4)
+    return short(**{"fid": fid, **kw})
+
+
+def test_fid_is_evaluated_every_fid_every_steps_and_at_the_last_one():
+    assert fid_steps(short(steps=10, fid=FidConfig(every=3))) == [3, 6, 9, 10]
+    assert fid_steps(short(steps=9, fid=FidConfig(every=3))) == [3, 6, 9]
+    assert fid_steps(short(steps=2, fid=FidConfig(every=5))) == [2]  # a short run: its end
+    assert fid_steps(short(steps=9, fid=FidConfig(every=0))) == []
+
+
+def test_best_by_fid_keeps_the_checkpoint_of_the_lowest_fid_and_stops_on_it(tmp_path, data):
+    scorer = ScriptedScorer({3: 5.0, 6: 2.0, 9: 3.0, 12: 4.0})
+    config = fid_config(best_by="fid", early_stopping_patience=2, val_every=100)
+    result, ema, _ = run(tmp_path, data, config, scorer=scorer)
+    assert [s for s, _ in scorer.calls] == [3, 6, 9, 12]
+    assert all(model is ema.module for _, model in scorer.calls)  # the EMA weights
+    assert (result.best_fid, result.best_fid_step, result.best_step) == (2.0, 6, 6)
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 6
+    assert result.stopped_early and result.step == 12  # two evaluations without a gain
+    # the validation loss still has its own best, which no longer decides best.pt
+    assert math.isfinite(result.best_val_loss)
+
+
+def test_best_by_val_loss_ignores_the_fid_for_best_pt(tmp_path, data):
+    scorer = ScriptedScorer({3: 5.0, 6: 2.0, 9: 3.0, 12: 1.0})
+    result, *_ = run(tmp_path, data, fid_config(), scorer=scorer)
+    assert (result.best_fid, result.best_fid_step, result.best_by) == (1.0, 12, "val_loss")
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == result.best_step
+
+
+def test_a_resumed_run_keeps_its_best_fid_and_evaluates_no_step_twice(tmp_path, data):
+    scripted = {3: 5.0, 6: 2.0, 9: 3.0, 12: 4.0}
+    first = ScriptedScorer(scripted)
+    run(tmp_path, data, fid_config(steps=6, best_by="fid"), scorer=first)
+    second = ScriptedScorer(scripted)
+    result, *_ = run(tmp_path, data, fid_config(best_by="fid", early_stopping_patience=2),
+                     scorer=second)  # fmt: skip
+    assert [s for s, _ in first.calls] == [3, 6] and [s for s, _ in second.calls] == [9, 12]
+    assert (result.best_fid, result.best_fid_step, result.resumed_from_step) == (2.0, 6, 6)
+    assert result.stopped_early  # the misses count on across the resume
+
+
+def test_the_cost_line_counts_the_fid_evaluations(tmp_path, data):
+    lines = []
+    scorer = ScriptedScorer(dict.fromkeys((3, 6, 9, 12), 1.0))
+    run(tmp_path, data, fid_config(), scorer=scorer, hooks=Hooks(log=lines.append))
+    (cost,) = [line for line in lines if line.startswith("cost:")]
+    # measured after step 6 (the first after warm-up, then 5): the evaluations at 9 and 12
+    assert "and 2 FID evaluations at about" in cost and "on top of training" in cost, cost
+
+
+def test_fid_during_training_without_a_scorer_or_with_best_by_fid_off_is_refused(tmp_path, data):
+    with pytest.raises(ValueError, match="needs a scorer"):
+        run(tmp_path, data, fid_config())
+    with pytest.raises(ValueError, match="best_by: fid needs FID during training"):
+        short(best_by="fid")

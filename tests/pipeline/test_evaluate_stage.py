@@ -149,7 +149,7 @@ def test_missing_weights_on_an_offline_machine_name_both_ways(project, monkeypat
     message = " ".join(result.output.split())
     assert f"could not be downloaded from {url}" in message
     assert "DDPM_INCEPTION_WEIGHTS=/path/to/weights-inception-2015-12-05-6726825d.pth" in message
-    assert "evaluate.feature_extractor_weights" in message
+    assert "inception_weights" in message
     # The experiment's MLflow run says the stage failed, rather than a false FINISHED
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
@@ -184,7 +184,7 @@ def test_every_problem_with_the_inputs_is_reported_at_once(project, monkeypatch)
     """One sample and no Inception weights file: the stage lists each problem on a line of
     its own before any work, rather than stopping at the first."""
     params = yaml.safe_load(Path("params.yaml").read_text())
-    params["evaluate"]["feature_extractor_weights"] = "no/such/inception.pth"
+    params["inception_weights"] = "no/such/inception.pth"
     monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
     Path("params.yaml").write_text(yaml.safe_dump(params))
     write_samples(project / "samples", load_prepared(Path("data/prepared")).images[:1])

@@ -38,7 +38,12 @@ MODULES = {"download": pipeline.download, "prepare": pipeline.prepare, "train": 
            "frontier": pipeline.frontier, "nll": pipeline.nll, "edit": pipeline.edit,
            "track": pipeline.track}  # fmt: skip
 
-PARAMS = merge(TINY_PROJECT, {"frontier": {"num_images": 6, "batch_size": 6, "grid_images": 2}})
+PARAMS = merge(TINY_PROJECT, {
+    "frontier": {"num_images": 6, "batch_size": 6, "grid_images": 2},
+    # FID during training on: what it reads must be train's params too (and nothing of
+    # evaluate's or sample's, whose changes must not retrain)
+    "train": {"fid": {"every": 4, "num_images": 4, "steps": 2, "reference_split": "val"}},
+})  # fmt: skip
 
 
 class Reads:
@@ -134,8 +139,7 @@ def test_every_setting_a_stage_reads_is_one_of_its_params_in_dvc_yaml(
 ):
     # the Inception weights through params.yaml, as users name them (not the environment's
     # override, which would hide the read)
-    evaluate = {**PARAMS["evaluate"], "feature_extractor_weights": str(inception_weights)}
-    params = {**PARAMS, "evaluate": evaluate}
+    params = {**PARAMS, "inception_weights": str(inception_weights)}
     prepared = prepare_split(tmp_path / "prep", params)
     enter_project(tmp_path, prepared, params, monkeypatch)
     monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
@@ -157,6 +161,7 @@ def test_every_setting_a_stage_reads_is_one_of_its_params_in_dvc_yaml(
     assert {"sample.eta", "sample.spacing", "sample.bf16", "frontier.points"} <= read_by["frontier"]
     assert "sample.steps" not in read_by["frontier"]  # each point names its own steps
     assert {"train.lr", "ema.decay", "model.base_channels", "schedule"} <= read_by["train"]
-    assert not any(n.startswith("sample.") for n in read_by["train"])
+    assert not any(n.startswith(("sample.", "evaluate.")) for n in read_by["train"])
+    assert {"train.fid.every", "train.fid.num_images", "inception_weights"} <= read_by["train"]
     assert {"nll.stride", "sample.clip_x0", "sample.variance"} <= read_by["nll"]
     assert {"edit.strength", "sample.sampler", "evaluate.kid_subsets"} <= read_by["edit"]

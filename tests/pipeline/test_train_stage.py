@@ -315,3 +315,92 @@ def test_every_problem_with_the_inputs_is_reported_at_once(project):
         for split in ("train", "val")
     ]
     assert not (project / "models").exists()
+
+
+FID = {"every": 4, "num_images": 8, "steps": 2, "batch_size": 8, "reference_split": "val"}
+FID_ON = {"train": {"best_by": "fid", "fid": FID}}
+
+
+def use_params(project: Path, *overrides: dict) -> None:
+    params = PARAMS
+    for override in overrides:
+        params = merge(params, override)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_fid_during_training_writes_its_curve_the_run_and_best_pt_and_resumes_whole(
+    project, inception_weights, monkeypatch
+):
+    """train.fid every 4 steps of 8, then 4 more: one row and one MLflow point per
+    evaluation, none lost or doubled by the resume; best.pt is the lowest FID's step."""
+    monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(inception_weights))
+    use_params(project, FID_ON)
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 0, result.output
+    assert "FID evaluations at about" in result.output  # the cost line counts them
+    use_params(project, FID_ON, {"train": {"steps": 12}})  # steps may grow: it resumes
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 0 and "resumed from" in result.output, result.output
+    rows = curve_rows(project / "metrics" / "fid_curve.tsv")
+    assert [s for s, _ in rows["train/fid"]] == [4, 8, 12]
+    assert [s for s, _ in rows["train/kid_mean"]] == [4, 8, 12]
+    summary = json.loads((project / "metrics" / "train.json").read_text())
+    fid, step = min((v, s) for s, v in rows["train/fid"])
+    assert summary["best_by"] == "fid" and summary["best_fid_step"] == step
+    assert summary["best_fid"] == pytest.approx(fid, rel=1e-5) and summary["best_step"] == step
+    (run_dir,) = (project / "models" / "checkpoints").iterdir()
+    assert load_checkpoint(run_dir / "best.pt")["step"] == step
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    (run,) = [r for r in runs if r.data.params["train.steps"] == "12"]  # the resumed one
+    for name in ("train/fid", "train/kid_mean"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == [4, 8, 12], name  # none doubled
+        logged = dict(rows[name])
+        assert all(m.value == pytest.approx(logged[m.step], rel=1e-5) for m in history)
+    assert run.data.metrics["train/best_fid"] == pytest.approx(fid, rel=1e-5)
+
+
+def test_fid_during_training_without_weights_or_reference_images_is_refused_before_training(
+    project, monkeypatch
+):
+    monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
+    too_many = {"train": {"fid": {"num_images": 50}}}
+    use_params(project, FID_ON, too_many, {"inception_weights": "no/such/inception.pth"})
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert "2 problems" in message and "starting fresh" not in message
+    assert "no/such/inception.pth: no such file" in message and "inception_weights" in message
+    assert "train.fid.num_images=50 needs 50 val images" in message
+    assert "lower train.fid.num_images to 12" in message
+
+
+def test_fid_images_shared_out_over_processes_are_the_one_process_images(
+    prepared, inception_weights
+):
+    """The sharding's index arithmetic: three processes' shares, gathered (as all_gather
+    concatenates them in rank order), are the one-process images, in order."""
+    from ddpm.data.prepared import load_prepared
+    from ddpm.diffusion import GaussianDiffusion
+    from ddpm.distributed import Distributed
+    from ddpm.unet import UNet
+    from pipeline.quality import TrainFid, fid_extraction
+    from pipeline.settings import Machine, Params
+
+    p = Params.model_validate(merge(PARAMS, FID_ON))
+    config = p.train.fid.model_copy(update={"num_images": 7, "batch_size": 2})
+    model = UNet(p.unet_config()).eval()
+    split = load_prepared(prepared, "val")
+    extraction = fid_extraction(Machine(), str(inception_weights))
+
+    def scorer(dist: Distributed) -> TrainFid:
+        return TrainFid(config, p.seed, GaussianDiffusion(p.diffusion_config()), split,
+                        extraction, dist, torch.device("cpu"), Path("unused"))  # fmt: skip
+
+    alone = scorer(Distributed()).sample(model)
+    shares = [scorer(Distributed(rank=r, world_size=3)).sample(model) for r in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3]  # 7 images: blanks pad ranks 1 and 2
+    together = Distributed(world_size=3, gather=lambda _: torch.cat(shares))
+    gathered = scorer(together).gather(shares[0])
+    assert gathered.shape == alone.shape and torch.equal(gathered, alone)
