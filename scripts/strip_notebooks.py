@@ -30,7 +30,6 @@ def stripped(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         cell.metadata = {k: v for k, v in cell.metadata.items() if k in CELL_METADATA}
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-        cell.pop("attachments", None)
     return nb
 
 
