@@ -15,7 +15,7 @@ from notebook_run import EXAMPLES, ROOT, cell, execute, mime_types, stdout
 sys.path.insert(0, str(ROOT / "scripts"))
 from strip_notebooks import as_text, stripped
 
-NOTEBOOKS = ("library.ipynb",)
+NOTEBOOKS = ("explore.ipynb", "library.ipynb")
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
