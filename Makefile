@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install repro smoke ui test lint bench lock clean gpu-bundle gpu-check-dry
+.PHONY: install repro smoke ui test lint strip-notebooks bench lock clean gpu-bundle gpu-check-dry
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# examples/*.ipynb are committed without outputs (tests/test_notebooks.py fails on any): run this
+# after working in one, before committing it.
+strip-notebooks: $(STAMP)
+	$(BIN)/python scripts/strip_notebooks.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_vs_diffusers.py

@@ -7,6 +7,7 @@ every test reads its results: metrics, the MLflow run, a second experiment throu
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -15,8 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 from mlflow.tracking import MlflowClient
+from notebook_run import EXAMPLES, cell, execute, mime_types, stdout
 from runs import run_contents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,6 +245,35 @@ def test_each_edit_mode_runs_end_to_end_without_training(smoke, mode, keys):
             "-S", "edit.steps=50", *linear)  # fmt: skip
         finer = json.loads((smoke / "metrics" / "edit.json").read_text())["results"]
         assert finer["psnr"] > edit["results"]["psnr"] + 5, (finer, edit["results"])
+
+
+def test_the_explore_notebook_runs_on_the_project_after_its_experiments(smoke, tmp_path):
+    """examples/explore.ipynb top to bottom, opened from the project's examples/ folder as an
+    editor opens it, after the experiments above: the registered model's grid, the curves and
+    the frontier from the DVC files, the runs table, two experiments compared, the GIF. A copy
+    of its model cell with MODEL = "weights" runs last: the models/ema.pt path."""
+    nb = nbformat.read(EXAMPLES / "explore.ipynb", as_version=4)
+    weights = nbformat.from_dict(cell(nb, "model"))
+    assert 'MODEL = "registry"' in weights.source
+    weights.source = weights.source.replace('MODEL = "registry"', 'MODEL = "weights"')
+    weights.id = "model-weights"
+    nb.cells.append(weights)
+    nbformat.write(nb, tmp_path / "explore.ipynb")
+    done = execute(tmp_path / "explore.ipynb", cwd=smoke / "examples")
+    assert f"project {smoke}" in stdout(cell(done, "project"))
+    assert "models:/ddpm-smoke/" in stdout(cell(done, "model"))
+    assert "models/ema.pt (ema weights, 150 steps)" in stdout(cell(done, "model-weights"))
+    for name in ("model", "model-weights", "loss", "frontier", "compare"):
+        assert "image/png" in mime_types(cell(done, name)), name
+    if (smoke / "metrics" / "fid_curve.tsv").is_file():
+        assert "image/png" in mime_types(cell(done, "fid"))
+    else:
+        assert "dvc exp run -S train.fid.every=" in stdout(cell(done, "fid"))
+    (table,) = [o.data for o in cell(done, "runs").outputs if "text/html" in o.get("data", {})]
+    _, runs = mlflow_runs(smoke)
+    assert sum(r.info.run_name in table["text/html"] for r in runs) >= 2, table["text/plain"]
+    (gif,) = [o.data["image/gif"] for o in cell(done, "gif").outputs if "data" in o]
+    assert base64.b64decode(gif) == (smoke / "samples" / "denoising.gif").read_bytes()
 
 
 def test_outputs_round_trip_through_a_local_dvc_remote(smoke, tmp_path):
