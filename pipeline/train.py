@@ -26,7 +26,7 @@ from ddpm.train import Dataset, Hooks, Trained, TrainResult, train
 from pipeline.errors import Problems, stage_errors
 from pipeline.outputs import save_png, write_json
 from pipeline.projection import CURVES, Layout, format_curve_row, project, train_record
-from pipeline.runtime import distributed
+from pipeline.runtime import checkpoint_root, distributed
 from pipeline.settings import Machine, Params, load_params
 from pipeline.tracking import Tracker
 
@@ -135,7 +135,8 @@ def train_stage(
             num_classes = splits[0].manifest["num_classes"] if p.model.conditional else None
             unet_config = p.unet_config(num_classes)
             sha = splits[0].manifest["splits"]["train"]["images_sha256"]
-            checkpoints = models / "checkpoints" / checkpoint_key(p, unet_config, sha)
+            root = checkpoint_root(Machine(), models, check=dist.is_main)
+            checkpoints = root / checkpoint_key(p, unet_config, sha)
             if fresh and dist.is_main:
                 shutil.rmtree(checkpoints, ignore_errors=True)
             if dist.is_main and device.type == "cpu" and p.train.steps > CPU_HINT_STEPS:
