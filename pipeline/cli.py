@@ -71,6 +71,7 @@ def train(
     Checkpoints go to models/checkpoints/<key>/, where the key hashes the model, diffusion,
     optimisation, EMA, seed and data: rerunning the same experiment resumes, changing one of
     those starts a new run in its own folder. Under torchrun, one process per GPU (DDP).
+    DDPM_CHECKPOINT_DIR moves models/checkpoints/ elsewhere (a bucket that outlives the machine).
     """
     from pipeline.train import train_stage
 

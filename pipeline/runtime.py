@@ -1,15 +1,19 @@
-"""The machine side of a stage: device choice and torch.distributed (torchrun) set-up."""
+"""The machine side of a stage: device choice, torch.distributed (torchrun) set-up, and where
+training checkpoints live."""
 
 from __future__ import annotations
 
 import os
+import uuid
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpm.distributed import Distributed
+from pipeline.errors import InputsError
 from pipeline.settings import Machine
 
 
@@ -64,3 +68,28 @@ def _all_gather(x: torch.Tensor, world_size: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size)]
     torch_dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def checkpoint_root(machine: Machine, models: Path, check: bool) -> Path:
+    """The folder of the training checkpoints' folders: ``DDPM_CHECKPOINT_DIR`` when set (a
+    bucket mounted on a spot machine, so a preempted run loses at most
+    ``train.checkpoint_every`` steps), else ``models/checkpoints``.
+
+    With ``check`` (the process that writes them), the folder is created and a probe file
+    written and removed, so a folder that cannot be written stops the stage before training
+    rather than at its first checkpoint.
+    """
+    root = machine.checkpoint_dir or models / "checkpoints"
+    if check:
+        probe = root / f".probe-{uuid.uuid4().hex}"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            named = "DDPM_CHECKPOINT_DIR" if machine.checkpoint_dir else "the checkpoint folder"
+            raise InputsError(
+                f"{named} {root} cannot be written ({exc.strerror or exc}): mount the "
+                "bucket there, or point DDPM_CHECKPOINT_DIR at a writable folder"
+            ) from exc
+    return root

@@ -468,6 +468,11 @@ class Machine(BaseSettings):
     tracking: bool = Field(
         True, description="false: no MLflow at all (machines without it, e.g. the GPU check)."
     )
+    checkpoint_dir: Path | None = Field(
+        None,
+        description="Training checkpoints here instead of models/checkpoints/: storage that "
+        "outlives the machine (a mounted bucket), so a preempted run resumes from it.",
+    )
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

@@ -30,7 +30,7 @@ from pipeline.fidelity import Extraction
 from pipeline.outputs import save_png, write_json
 from pipeline.projection import CURVES, Layout, format_curve_row, project, train_record
 from pipeline.quality import TrainFid, fid_extraction, fid_problems
-from pipeline.runtime import distributed
+from pipeline.runtime import checkpoint_root, distributed
 from pipeline.settings import Machine, Params, load_params
 from pipeline.tracking import Tracker
 
@@ -146,7 +146,8 @@ def train_stage(
             num_classes = splits[0].manifest["num_classes"] if p.model.conditional else None
             unet_config = p.unet_config(num_classes)
             sha = splits[0].manifest["splits"]["train"]["images_sha256"]
-            checkpoints = models / "checkpoints" / checkpoint_key(p, unet_config, sha)
+            root = checkpoint_root(machine, models, check=dist.is_main)
+            checkpoints = root / checkpoint_key(p, unet_config, sha)
             if fresh and dist.is_main:
                 shutil.rmtree(checkpoints, ignore_errors=True)
             if dist.is_main and device.type == "cpu" and p.train.steps > CPU_HINT_STEPS:

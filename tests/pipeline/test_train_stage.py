@@ -24,6 +24,7 @@ from pipeline.projection import CURVES, curve_rows
 from pipeline.train import Curves
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]  # this checkout's code in a subprocess run elsewhere
 
 PARAMS = project_params(
     {
@@ -404,3 +405,74 @@ def test_fid_images_shared_out_over_processes_are_the_one_process_images(
     together = Distributed(world_size=3, gather=lambda _: torch.cat(shares))
     gathered = scorer(together).gather(shares[0])
     assert gathered.shape == alone.shape and torch.equal(gathered, alone)
+
+
+def test_a_run_killed_on_one_machine_resumes_bit_identically_from_ddpm_checkpoint_dir(
+    project, tmp_path_factory, monkeypatch
+):
+    """A spot machine vanishes mid-run (SIGKILL after a checkpoint); a fresh copy of the
+    project (no models/) pointed at the same DDPM_CHECKPOINT_DIR resumes there and ends with
+    the weights of an unbroken run, which keeps its checkpoints in models/checkpoints/."""
+    params = merge(PARAMS, {"train": {"steps": 16, "val_every": 8, "sample_every": 16}})
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    shared = tmp_path_factory.mktemp("bucket") / "checkpoints"
+    killed, fresh = tmp_path_factory.mktemp("killed"), tmp_path_factory.mktemp("fresh")
+    for copy in (killed, fresh):
+        shutil.copytree(project / "data", copy / "data")
+        shutil.copy2(project / "params.yaml", copy / "params.yaml")
+    monkeypatch.setenv("DDPM_TRACKING", "false")  # not what this test is about: 10 s less
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPM_NUM_THREADS": "1", "DDPM_DEVICE": "cpu",
+           "DDPM_CHECKPOINT_DIR": str(shared), "DVC_ROOT": str(killed),
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline.cli", "train"]
+    machine = subprocess.Popen(cmd, cwd=killed, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(shared.glob("*/last.pt")) and machine.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint in 300 s"
+        time.sleep(0.01)
+    machine.kill()
+    assert machine.wait() != 0, "the run ended before it could be killed"
+    assert not (killed / "models" / "ema.pt").exists()
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("DDPM_NUM_THREADS", "1")  # the killed run's float sums
+    try:
+        monkeypatch.chdir(fresh)
+        monkeypatch.setenv("DVC_ROOT", str(fresh))
+        monkeypatch.setenv("DDPM_CHECKPOINT_DIR", str(shared))
+        resumed = runner.invoke(app, ["train"])
+        monkeypatch.chdir(project)
+        monkeypatch.setenv("DVC_ROOT", str(project))
+        monkeypatch.delenv("DDPM_CHECKPOINT_DIR")
+        unbroken = runner.invoke(app, ["train"])
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.exit_code == 0 == unbroken.exit_code, resumed.output + unbroken.output
+    (line,) = [line for line in resumed.output.splitlines() if "resumed from" in line]
+    step = int(line.split(" at step ")[1].split()[0])
+    assert 0 < step < 16 and str(shared) in " ".join(resumed.output.split()), line
+    assert not (fresh / "models" / "checkpoints").exists()
+    (run_dir,) = (project / "models" / "checkpoints").iterdir()
+    assert (shared / run_dir.name / "last.pt").is_file()  # the same key: one training run
+    a, b = (load_checkpoint(p / "models" / "ema.pt") for p in (fresh, project))
+    assert a["step"] == b["step"] == 16
+    for entry in ("model", "ema"):
+        assert a[entry].keys() == b[entry].keys()
+        for key, value in a[entry].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b[entry][key])), key
+
+
+@pytest.mark.parametrize("where", ["a-file/checkpoints", "a-file"])
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_training(project, monkeypatch,
+                                                                            where):  # fmt: skip
+    """DDPM_CHECKPOINT_DIR under a file (or a file itself, as a bucket that failed to mount
+    can leave behind): one line naming the folder, before any training step."""
+    (project / "a-file").write_text("not a folder")
+    monkeypatch.setenv("DDPM_TRACKING", "false")
+    monkeypatch.setenv("DDPM_CHECKPOINT_DIR", str(project / where))
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    message = " ".join(result.output.split())
+    assert f"DDPM_CHECKPOINT_DIR {project / where} cannot be written" in message, message
+    assert "starting fresh" not in result.output and not (project / "models").exists()
