@@ -2,25 +2,34 @@
 
 One smoke project is built per test session (scripts/smoke.py into a temporary folder) and
 every test reads its results: metrics, the MLflow run, a second experiment through
-``dvc exp run -S``, and ``dvc push`` / ``dvc pull`` through a local remote.
+``dvc exp run -S``, a run and an experiment shared through a DVC remote and a git remote, and
+the SkyPilot training task's run script.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+import sky
+import yaml
 from mlflow.tracking import MlflowClient
 from notebook_run import EXAMPLES, cell, execute, mime_types, stdout
 from runs import run_contents
+
+from ddpm.checkpoint import load_checkpoint
+from pipeline.projection import curve_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -247,6 +256,29 @@ def test_each_edit_mode_runs_end_to_end_without_training(smoke, mode, keys):
         assert finer["psnr"] > edit["results"]["psnr"] + 5, (finer, edit["results"])
 
 
+def test_fid_during_training_writes_its_curve_the_run_and_picks_best_pt_by_it(smoke):
+    """The issue's check: `dvc exp run -S train.fid.every=50 -S train.best_by=fid` (another
+    checkpoint folder: best.pt means something else). The weights are the baseline's to the
+    bit (the evaluations draw from their own generators), so DVC reruns no later stage."""
+    done = dvc(smoke, "exp", "run", "-n", "fid-smoke", "-S", "train.fid.every=50",
+               "-S", "train.best_by=fid")  # fmt: skip
+    assert "Running stage 'train'" in done.stdout, done.stdout
+    assert "Running stage 'sample'" not in done.stdout  # the same models/ema.pt
+    rows = curve_rows(smoke / "metrics" / "fid_curve.tsv")
+    assert [s for s, _ in rows["train/fid"]] == [50, 100, 150]
+    summary = json.loads((smoke / "metrics" / "train.json").read_text())
+    fid, step = min((v, s) for s, v in rows["train/fid"])
+    assert (summary["best_by"], summary["best_fid_step"], summary["best_step"]) == ("fid", step, step)
+    best = Path(summary["checkpoints"]) / "best.pt"
+    assert load_checkpoint(best if best.is_absolute() else smoke / best)["step"] == step
+    client, runs = mlflow_runs(smoke, "fid-smoke")
+    (run,) = runs
+    history = client.get_metric_history(run.info.run_id, "train/fid")
+    assert sorted((m.step, round(m.value, 4)) for m in history) == [
+        (s, round(v, 4)) for s, v in rows["train/fid"]]  # fmt: skip
+    assert run.data.metrics["train/best_fid"] == pytest.approx(fid, rel=1e-5)
+
+
 def test_the_explore_notebook_runs_on_the_project_after_its_experiments(smoke, tmp_path):
     """examples/explore.ipynb top to bottom, opened from the project's examples/ folder as an
     editor opens it, after the experiments above: the registered model's grid, the curves and
@@ -276,13 +308,101 @@ def test_the_explore_notebook_runs_on_the_project_after_its_experiments(smoke, t
     assert base64.b64decode(gif) == (smoke / "samples" / "denoising.gif").read_bytes()
 
 
-def test_outputs_round_trip_through_a_local_dvc_remote(smoke, tmp_path):
-    dvc(smoke, "remote", "add", "-f", "-d", "local", str(tmp_path / "remote"))
+def git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"git {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def changed_paths(status: dict) -> set[str]:
+    """The paths ``dvc status --json`` reports, whatever the stage and the kind of change."""
+    return {path for entries in status.values() for entry in entries if isinstance(entry, dict)
+            for change in entry.values() for path in change}  # fmt: skip
+
+
+def test_teammates_get_a_run_and_an_experiment_through_the_dvc_and_git_remotes(smoke, tmp_path):
+    """The issue's two paths, with a local-folder DVC remote and a bare git remote. A fresh
+    clone pulls the last run: only the uncached samples/ is missing, and `dvc repro` reruns
+    nothing DVC caches. Another clone pulls an experiment and applies it: its weights and
+    metrics, listed by `dvc exp show`."""
+    remote, origin = tmp_path / "dvc-remote", tmp_path / "origin.git"
+    dvc(smoke, "remote", "add", "-f", "-d", "store", str(remote))
+    git(smoke, "add", "-A")
+    git(smoke, "commit", "-q", "-m", "a run, and the team's DVC remote")
     dvc(smoke, "push")
-    weights = (smoke / "models" / "ema.pt").read_bytes()
-    shutil.rmtree(smoke / ".dvc" / "cache")
-    (smoke / "models" / "ema.pt").unlink()
-    shutil.rmtree(smoke / "data" / "prepared")
-    dvc(smoke, "pull")
-    assert (smoke / "models" / "ema.pt").read_bytes() == weights
-    assert (smoke / "data" / "prepared" / "manifest.json").is_file()
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
+    git(smoke, "remote", "add", "origin", str(origin))
+    git(smoke, "push", "-q", "origin", "HEAD:main")
+
+    first = tmp_path / "first"
+    git(tmp_path, "clone", "-q", str(origin), str(first))
+    dvc(first, "pull")
+    for path in ("models/ema.pt", "metrics/eval.json", "data/prepared/manifest.json"):
+        assert (first / path).read_bytes() == (smoke / path).read_bytes(), path
+    missing = changed_paths(json.loads(dvc(first, "status", "--json").stdout))
+    assert missing and all(path.startswith("samples") for path in missing), missing
+    ran = set(re.findall(r"Running stage '([\w-]+)'", dvc(first, "repro").stdout))
+    assert ran <= {"sample", "track"}, ran  # sample: samples/ is cache: false, by design
+    assert "Data and pipelines are up to date" in dvc(first, "status").stdout
+
+    dvc(smoke, "exp", "push", "origin", "cosine-smoke")
+    second = tmp_path / "second"
+    git(tmp_path, "clone", "-q", str(origin), str(second))
+    dvc(second, "exp", "pull", "origin", "cosine-smoke")
+    dvc(second, "exp", "apply", "cosine-smoke")
+    lock = yaml.safe_load((second / "dvc.lock").read_text())
+    (out,) = [o for o in lock["stages"]["train"]["outs"] if o["path"] == "models/ema.pt"]
+    weights = (second / "models" / "ema.pt").read_bytes()
+    assert (
+        hashlib.md5(weights).hexdigest() == out["md5"]
+        and weights != (first / out["path"]).read_bytes()
+    )
+    assert yaml.safe_load((second / "params.yaml").read_text())["schedule"] == "cosine"
+    assert json.loads((second / "metrics" / "train.json").read_text())["steps"] == 150
+    assert math.isfinite(json.loads((second / "metrics" / "eval.json").read_text())["fid"])
+    assert "cosine-smoke" in dvc(second, "exp", "show", "--json").stdout
+
+
+def test_the_train_task_files_run_script_trains_with_torchrun_and_pushes_the_experiment(
+    smoke, tmp_path
+):
+    """cloud/train.sky.yaml's run, as SkyPilot runs it on node 0 of one node with two
+    processes (gloo on the CPU), in a fresh clone of the project pushed by the test above:
+    it pulls the prepared data, trains, pushes the weights to the DVC remote and the
+    experiment to git, and logs to the MLflow store named in MLFLOW_TRACKING_URI."""
+    origin = git(smoke, "remote", "get-url", "origin").strip()
+    remote = dvc(smoke, "remote", "list").stdout.split()[1]
+    node = tmp_path / "node0"
+    git(tmp_path, "clone", "-q", origin, str(node))
+    (node / ".venv").symlink_to(Path(sys.executable).parents[1])  # what the task's setup builds
+    params = yaml.safe_load((node / "params.yaml").read_text())
+    params["train"].update(steps=30, val_every=15, checkpoint_every=15, sample_every=30)
+    (node / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    task = sky.Task.from_yaml(str(ROOT / "cloud" / "train.sky.yaml"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = tmp_path / "server.db"
+    env = {**os.environ, **task.envs, "EXP_NAME": "sky-local", "DVC_REMOTE_URL": remote,
+           "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "RDZV_PORT": str(port),
+           "DDPM_CHECKPOINT_DIR": str(tmp_path / "bucket"), "SKYPILOT_NUM_NODES": "1",
+           "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NUM_GPUS_PER_NODE": "2",
+           "SKYPILOT_NODE_IPS": "127.0.0.1", "DDPM_DEVICE": "cpu", "DDPM_NUM_THREADS": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    done = subprocess.run(["bash", "-c", task.run], cwd=node, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert log.count("starting fresh") == 1  # one job of two processes; rank 0 speaks
+    summary = json.loads((node / "metrics" / "train.json").read_text())
+    assert (summary["steps"], summary["effective_batch_size"]) == (30, 2 * 16), summary
+    (checkpoint,) = (tmp_path / "bucket").glob("*/last.pt")
+    assert summary["checkpoints"] == str(checkpoint.parent)
+    md5 = hashlib.md5((node / "models" / "ema.pt").read_bytes()).hexdigest()
+    assert (Path(remote) / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+    assert "refs/exps/" in git(node, "ls-remote", origin) and "sky-local" in git(
+        node, "ls-remote", origin
+    )
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    assert run.info.run_name == "sky-local" and run.data.metrics["train/steps"] == 30
