@@ -268,7 +268,7 @@ def test_fid_during_training_writes_its_curve_the_run_and_picks_best_pt_by_it(sm
     assert [s for s, _ in rows["train/fid"]] == [50, 100, 150]
     summary = json.loads((smoke / "metrics" / "train.json").read_text())
     fid, step = min((v, s) for s, v in rows["train/fid"])
-    assert (summary["best_by"], summary["best_fid_step"], summary["best_step"]) == ("fid", step, step)
+    assert summary["best_by"] == "fid" and summary["best_fid_step"] == summary["best_step"] == step
     best = Path(summary["checkpoints"]) / "best.pt"
     assert load_checkpoint(best if best.is_absolute() else smoke / best)["step"] == step
     client, runs = mlflow_runs(smoke, "fid-smoke")
