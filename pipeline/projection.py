@@ -280,8 +280,11 @@ def project(tracker: Tracker, rec: Record, log_model: Callable[..., Any] | None 
         if tracker.logged_model(sha) is None:
             model_tags = {"model_sha256": sha}
             tracker.log_model(log_model, rec.model.weights, rec.model.settings, model_tags)
+    # "started": the stage ran under this run, its files say it ended, its own end was not
+    # logged (the server went down while it ran)
     stage = f"stage.{rec.stage}"
-    tracker.set_tags({f"record.{rec.stage}": digest, stage: run_tags.get(stage, "restored")})
+    done = {None: "restored", "started": "done"}.get(run_tags.get(stage), run_tags.get(stage))
+    tracker.set_tags({f"record.{rec.stage}": digest, stage: done})
     return tracker.enabled
 
 

@@ -75,23 +75,30 @@ class Tracker:
     """Context manager around the experiment's MLflow run for one stage.
 
     Every method is a no-op after the first failure (or when ``enabled`` is False, as on
-    ranks other than 0), so tracking can never lose a training run.
+    ranks other than 0), so tracking can never lose a training run; ``failed`` says that a
+    call failed, so the run lacks part of what the stage logs. ``required``: the failure is
+    the stage's (``track``, which exists to make the run whole), said as an error.
     """
 
-    def __init__(self, params: dict[str, Any], stage: str, enabled: bool = True) -> None:
-        self.params, self.stage = params, stage
+    def __init__(
+        self, params: dict[str, Any], stage: str, enabled: bool = True, required: bool = False
+    ) -> None:
+        self.params, self.stage, self.required = params, stage, required
         self.enabled = enabled and Machine().tracking  # DDPM_TRACKING=false: MLflow unused
         self.run_id: str | None = None
+        self.failed = False
         self._mlflow = None
 
     def _fail(self, what: str, exc: Exception) -> None:
-        print(
-            f"warning: MLflow tracking is off for this stage ({what} failed: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the stage goes on. "
-            f"Tracking URI: {tracking_uri()}",
-            file=sys.stderr,
-        )
-        self.enabled = False
+        reason = f"{what} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if self.required:  # the track stage, whose one job is the run
+            print(f"error: the experiment's MLflow run is not complete ({reason}). Tracking "
+                  f"URI: {tracking_uri()}. Every stage's results are saved: `dvc repro` "
+                  "completes the run from them once it answers.", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"warning: MLflow tracking is off for this stage ({reason}); the stage goes "
+                  f"on. Tracking URI: {tracking_uri()}", file=sys.stderr)  # fmt: skip
+        self.enabled, self.failed = False, True
 
     def __enter__(self) -> Tracker:
         if not self.enabled:

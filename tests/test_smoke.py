@@ -15,37 +15,56 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import nbformat
+import numpy as np
+import pandas as pd
 import pytest
 import sky
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from notebook_run import EXAMPLES, cell, execute, mime_types, stdout
+from PIL import Image
 from runs import run_contents
+from servers import TrackingServer, invoke, model_server
 
 from ddpm.checkpoint import load_checkpoint
-from pipeline.projection import curve_rows
+from pipeline.projection import Layout, curve_rows
+from pipeline.track import track_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+def dvc_env(tracking: str | None = None) -> dict[str, str]:
+    """The venv first on PATH; MLflow at ``tracking`` (the project's SQLite store if None)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking is not None:
+        env["MLFLOW_TRACKING_URI"] = tracking
     # one thread per stage, as scripts/smoke.py built the project: the same thread count
     # makes the same float sums, so a stage that reruns writes the same files (a sample stage
     # rerun writes the same images, and DVC restores evaluate); and two workers share 2 cores
     env.update(DDPM_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    return env
+
+
+def dvc(project: Path, *args: str, tracking: str | None = None) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True,
-        text=True, timeout=1200,
+        [sys.executable, "-m", "dvc", *args], cwd=project, env=dvc_env(tracking),
+        capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
     return done
@@ -64,8 +83,17 @@ def smoke(tmp_path_factory) -> Path:
     return dest
 
 
-def mlflow_runs(project: Path, name_prefix: str = ""):
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Iterator[TrackingServer]:
+    """One ``mlflow server`` for the session (the tests below stop and start it)."""
+    server = TrackingServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def mlflow_runs(project: Path, name_prefix: str = "", tracking: str | None = None):
+    client = MlflowClient(tracking_uri=tracking or f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ddpm")
     runs = client.search_runs([experiment.experiment_id])
     return client, [r for r in runs if r.info.run_name.startswith(name_prefix)]
@@ -227,6 +255,141 @@ def queued_experiments(project: Path) -> dict[str, str]:
                 if rev["name"] not in ("cosine-smoke", "ddim-10"):
                     swept[rev["name"]] = rev["data"]["params"]["params.yaml"]["data"]["schedule"]
     return swept
+
+
+def wait_for_queue(project: Path) -> str:
+    """`dvc queue status` once no task is queued or running (the workers' own pace)."""
+    deadline = time.monotonic() + 1200
+    while True:
+        status = dvc(project, "queue", "status").stdout
+        tasks = status.split("Worker status")[0]
+        if "Running" not in tasks and "Queued" not in tasks:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+
+
+def test_two_queue_workers_log_to_a_tracking_server_what_the_file_store_holds(smoke, server):
+    """The sweep above again, queued, with `dvc queue start -j 2` against a real `mlflow
+    server`: two experiments write to it at once, and each run holds, key by key, what the
+    file store's run of the same params holds (params, metric histories, dataset inputs,
+    artifacts, the model, its registered version); sample reruns, so its timings differ."""
+    dvc(smoke, "queue", "stop")  # an idle worker of the sweep above would log to the file store
+    before = queued_experiments(smoke)
+    dvc(smoke, "exp", "run", "--queue", "-S", "schedule=linear,cosine")
+    dvc(smoke, "queue", "start", "-j", "2", tracking=server.uri)
+    status = wait_for_queue(smoke)
+    dvc(smoke, "queue", "stop")
+    assert "Failed" not in status, status
+    swept = {n: s for n, s in queued_experiments(smoke).items() if n not in before}
+    assert sorted(swept.values()) == ["cosine", "linear"], swept
+    client, runs = mlflow_runs(smoke, tracking=server.uri)
+    file_client, file_runs = mlflow_runs(smoke)
+    by_name = {r.info.run_name: r for r in runs}
+    twins = {schedule: name for name, schedule in before.items()}
+    file_by_name = {r.info.run_name: r for r in file_runs}
+    for name, schedule in swept.items():
+        assert by_name[name].info.status == "FINISHED", by_name[name].info
+        ours = run_contents(client, by_name[name].info.run_id)
+        theirs = run_contents(file_client, file_by_name[twins[schedule]].info.run_id)
+        for timing in ("sample/images_per_second", "sample/wall_time_s"):
+            assert ours["metrics"].pop(timing) and theirs["metrics"].pop(timing)
+        for key in theirs:
+            assert ours[key] == theirs[key], (name, key)
+        assert ours["registered"] and ours["models"] and "train/ema_decay" in ours["metrics"]
+
+
+def test_the_servers_registry_over_rest_loads_and_serves_the_model(smoke, server, tmp_path):
+    """The versions the queued runs registered, read over the REST API with their FID tags;
+    the cosine one (the workspace's model) through the server by `mlflow.pyfunc.load_model`
+    and `mlflow models serve`: both make the images the sample stage wrote."""
+    query = urllib.parse.urlencode({"filter": "name = 'ddpm-smoke'"})
+    url = f"{server.uri}/api/2.0/mlflow/model-versions/search?{query}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        versions = json.loads(response.read())["model_versions"]
+    _, runs = mlflow_runs(smoke, tracking=server.uri)
+    by_id = {r.info.run_id: r for r in runs}
+    assert sorted(int(v["version"]) for v in versions) == [1, 2], versions
+    schedules = {}
+    for version in versions:
+        run, tags = by_id[version["run_id"]], {t["key"]: t["value"] for t in version["tags"]}
+        assert float(tags["fid"]) == run.data.metrics["eval/fid"], (tags, run.data.metrics)
+        assert "NOT real" in tags["label"] and len(tags["model_sha256"]) == 64
+        schedules[run.data.params["schedule"]] = version["version"]
+    model_uri = f"models:/ddpm-smoke/{schedules['cosine']}"
+    images = smoke / "samples" / "images"
+    written = np.stack([np.asarray(Image.open(images / f"{i:06d}.png")) for i in range(2)])
+    previous, threads = mlflow.get_tracking_uri(), torch.get_num_threads()
+    mlflow.set_tracking_uri(server.uri)
+    torch.set_num_threads(1)  # as the sample stage ran: the same float sums
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+        assert np.array_equal(model.predict(pd.DataFrame({"num_images": [2]})), written)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        torch.set_num_threads(threads)
+    with model_server(model_uri, dvc_env(server.uri), tmp_path) as url:
+        served = invoke(url, [{"num_images": 2}])
+    assert np.array_equal(np.asarray(served["predictions"], dtype=np.uint8), written)
+
+
+def test_the_server_going_down_while_train_runs_loses_nothing(smoke, server, monkeypatch):
+    """The as-built copy resumes its 150 steps to 160 (a checkpoint, so a live curve row,
+    every 2 steps) under `dvc repro train`, against the server. Once a live row reached the
+    server, the server is killed (dvc and train held still meanwhile, so train has calls
+    left): train says so once and writes whole files. The server comes back; `dvc repro -s
+    track` completes the run from the files (only track: the other stages would rerun on
+    the new model), and it holds, key by key, what the file store's run of those files
+    holds, each metric step once."""
+    copy = smoke.parent / "as-built"
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["train"].update(steps=160, checkpoint_every=2)
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    client = MlflowClient(tracking_uri=server.uri)
+    log = smoke.parent / "server-down.log"
+    with open(log, "w") as out:
+        repro = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro", "train"], cwd=copy, env=dvc_env(server.uri),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    run_id = None
+    while run_id is None:
+        assert repro.poll() is None, log.read_text()
+        runs = client.search_runs(
+            [client.get_experiment_by_name("ddpm").experiment_id], "params.`train.steps` = '160'"
+        )
+        rows = client.get_metric_history(runs[0].info.run_id, "train/loss") if runs else []
+        run_id = runs[0].info.run_id if any(m.step > 150 for m in rows) else None
+        time.sleep(0.1)
+    os.killpg(repro.pid, signal.SIGSTOP)
+    try:
+        assert "record.train" not in client.get_run(run_id).data.tags  # train's end is to come
+        server.stop()
+    finally:
+        os.killpg(repro.pid, signal.SIGCONT)
+    assert repro.wait(timeout=1200) == 0, log.read_text()
+    output = log.read_text()
+    assert output.count("MLflow tracking is off") == 1, output
+    assert json.loads((copy / "metrics" / "train.json").read_text())["steps"] == 160
+    curve = (copy / "metrics" / "train_curve.tsv").read_text().splitlines()[1:]
+    steps = [int(row.split("\t")[0]) for row in curve]
+    assert steps == sorted(set(steps)) and steps[-5:] == [152, 154, 156, 158, 160], steps
+    server.start()
+    dvc(copy, "repro", "-s", "track", tracking=server.uri)
+    # the file store's run of the same files: the track stage in this process
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{copy / 'files.db'}")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    track_stage(Path("params.yaml"), Layout())
+    file_client, (file_run,) = mlflow_runs(copy, tracking=f"sqlite:///{copy / 'files.db'}")
+    ours, theirs = run_contents(client, run_id), run_contents(file_client, file_run.info.run_id)
+    for key in theirs:
+        assert ours[key] == theirs[key], key
+    for name, rows in ours["metrics"].items():
+        assert len({step for step, _ in rows}) == len(rows), name  # each step once
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["stage.train"] == "done"
+    assert run.data.tags["stage.sample"] == "restored" and ours["registered"]
 
 
 @pytest.mark.parametrize(

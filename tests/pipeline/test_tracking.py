@@ -58,6 +58,23 @@ def test_tracking_switched_off_opens_no_run_and_writes_no_store(tmp_path, monkey
 PARAMS = TINY_PROJECT
 
 
+def test_track_fails_saying_once_that_the_server_is_unreachable(tmp_path, monkeypatch):
+    """A real port with nothing listening: track, whose one job is the run, says so once and
+    exits 1, so DVC does not record it as done and the next `dvc repro` runs it again."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "params.yaml").write_text(json.dumps(PARAMS))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    result = CliRunner().invoke(app, ["track"])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("MLflow run is not complete") == 1, result.output
+    assert f"Tracking URI: http://127.0.0.1:{port}" in result.output
+    assert "`dvc repro` completes the run" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def run_stages(*stages: str) -> str:
     for stage in stages:
         result = CliRunner().invoke(app, [stage])
