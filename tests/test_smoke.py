@@ -511,6 +511,9 @@ def test_teammates_get_a_run_and_an_experiment_through_the_dvc_and_git_remotes(s
     dvc(smoke, "exp", "push", "origin", "cosine-smoke")
     second = tmp_path / "second"
     git(tmp_path, "clone", "-q", str(origin), str(second))
+    # DVC reads the remote from the experiment's own commit, which predates the remote: the
+    # teammate names it in .dvc/config.local (where credentials go too), or it pulls nothing
+    dvc(second, "remote", "add", "--local", "-d", "store", str(remote))
     dvc(second, "exp", "pull", "origin", "cosine-smoke")
     dvc(second, "exp", "apply", "cosine-smoke")
     lock = yaml.safe_load((second / "dvc.lock").read_text())
