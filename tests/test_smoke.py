@@ -412,11 +412,7 @@ def test_each_edit_mode_runs_end_to_end_without_training(smoke, mode, keys):
     assert run.data.tags["stage.edit"] == "done" and run.info.status == "FINISHED"
     for key in keys:
         assert math.isfinite(run.data.metrics[f"edit/{mode}/{key}"]), key
-    if mode == "reconstruct":  # on the trained model the round trip sharpens with the steps
-        dvc(smoke, "exp", "run", "-n", "edit-reconstruct-50", "-S", "edit.mode=reconstruct",
-            "-S", "edit.steps=50", *linear)  # fmt: skip
-        finer = json.loads((smoke / "metrics" / "edit.json").read_text())["results"]
-        assert finer["psnr"] > edit["results"]["psnr"] + 5, (finer, edit["results"])
+    # that the round trip sharpens with the steps: tests/ddpm/test_edits.py, on a known chain
 
 
 def test_fid_during_training_writes_its_curve_the_run_and_picks_best_pt_by_it(smoke):
