@@ -201,12 +201,15 @@ def test_a_changed_model_config_trains_anew_and_refuses_the_old_checkpoint(proje
     assert "Traceback" not in result.output
 
 
-def test_ddp_with_two_gloo_processes_trains_and_only_rank_zero_writes(project):
+def test_ddp_with_two_gloo_processes_trains_and_only_rank_zero_writes(project, inception_weights):
     """Two processes, one job: one checkpoint and one run; the importance sampler's history
-    holds both processes' losses (all_gather)."""
-    params = merge(PARAMS, {"train": {"timestep_sampler": "loss-second-moment"}})
+    holds both processes' losses, and FID during training both processes' images
+    (all_gather)."""
+    fid = {"every": 4, "num_images": 6, "steps": 2, "batch_size": 2, "reference_split": "val"}
+    params = merge(PARAMS, {"train": {"timestep_sampler": "loss-second-moment", "fid": fid}})
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPM_DEVICE": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPM_DEVICE": "cpu",
+           "DDPM_INCEPTION_WEIGHTS": str(inception_weights)}  # fmt: skip
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_port", str(free_port()), "-m", "pipeline.cli", "train",
@@ -224,6 +227,9 @@ def test_ddp_with_two_gloo_processes_trains_and_only_rank_zero_writes(project):
     runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
     assert len(runs) == 1
     assert torch.isfinite(torch.tensor(summary["final_val_loss"]))
+    rows = curve_rows(project / "metrics" / "fid_curve.tsv")["train/fid"]
+    assert [s for s, _ in rows] == [4, 8] and summary["best_fid_step"] in (4, 8)
+    assert (done.stdout + done.stderr).count("fid: step 4") == 1  # rank 0 says it
 
 
 def test_a_truncated_last_checkpoint_stops_the_stage_with_one_clear_line(project):
