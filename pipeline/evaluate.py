@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -163,6 +164,8 @@ def evaluate(p: Params, weights: Path, data: Path, samples: Path) -> dict[str, A
         return results
 
     n = found.count
+    if source is not None:
+        typer.echo(cost(source, n, e.repeats))
     scores = [score(str(found.folder), verbose=True)]
     if source is not None:
         scores += [score(UInt8Images(images), verbose=False)
@@ -202,28 +205,31 @@ def indices(j: int, n: int) -> str:
     return f"{j * n}-{(j + 1) * n - 1}"
 
 
-def sample_ranges(source: Source, n: int, repeats: int) -> list[torch.Tensor]:
-    """Ranges 1 .. repeats - 1 of ``n`` images each, uint8 (n, H, W, 3), sampled as the sample
-    stage samples them; their cost is stated first, and a progress bar follows."""
-    s, device = source.settings, next(source.net.model.parameters()).device
+def cost(source: Source, n: int, repeats: int) -> str:
+    """What the further ranges cost, said before any work."""
+    s = source.settings
     per_image = nfe(s.sampler_config(), source.net.diffusion)
-    extra = (repeats - 1) * n
-    typer.echo(
+    return (
         f"evaluate: {repeats} seed ranges of {n} images (evaluate.repeats): images 0-{n - 1} "
         f"are samples/, images {n}-{repeats * n - 1} are sampled here ({s.sampler}, "
-        f"{per_image} network evaluations an image: {extra * per_image:,}), and every range "
-        f"goes through the feature extractor ({repeats * n:,} images)"
+        f"{per_image} network evaluations an image: {(repeats - 1) * n * per_image:,}), and "
+        f"every range goes through the feature extractor ({repeats * n:,} images)"
     )
-    out = []
-    with Progress(extra, "evaluate", "img") as bar:
-        for j in range(1, repeats):
-            batches = aligned_batches(range(j * n, (j + 1) * n), s.batch_size)
-            images = []
+
+
+def sample_ranges(source: Source, n: int, repeats: int) -> Iterator[torch.Tensor]:
+    """Ranges 1 .. repeats - 1 of ``n`` images each, uint8 (n, H, W, 3), one at a time (the
+    caller scores each before the next is sampled), sampled as the sample stage samples them,
+    with a progress bar each."""
+    s, device = source.settings, next(source.net.model.parameters()).device
+    for j in range(1, repeats):
+        batches = aligned_batches(range(j * n, (j + 1) * n), s.batch_size)
+        images = []
+        with Progress(n, f"evaluate range {j}/{repeats - 1}", "img") as bar:
             for batch, pixels in rendered(source.net, s, source.seed, batches, device):
                 images.append(pixels)
                 bar.update(len(batch))
-            out.append(torch.cat(images))
-    return out
+        yield torch.cat(images)
 
 
 def aggregate(scores: list[dict[str, float]]) -> dict[str, float | None]:
