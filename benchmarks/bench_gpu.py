@@ -223,7 +223,7 @@ def fid_timing(args, device: torch.device) -> dict:
                                 {"fid": True, "isc": True, "kid": True})  # fmt: skip
         e = EvaluateParams(reference_split="train", fid=True, isc=True, kid=True, prc=False,
                            kid_subset_size=min(1000, n), kid_subsets=100, isc_splits=10,
-                           batch_size=250, prc_weights="")  # fmt: skip
+                           batch_size=250, prc_weights="", repeats=1)  # fmt: skip
         score = lambda: fidelity(UInt8Images(fake), UInt8Images(real), "bench", extraction,  # noqa: E731
                                  e, 0, Path(tmp), verbose=False)  # fmt: skip
         first = timed(score, device)  # computes and caches the reference's features

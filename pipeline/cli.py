@@ -102,14 +102,20 @@ def sample(
 @app.command()
 def evaluate(
     params: Path = PARAMS,
+    models: Path = MODELS,
     data: Path = REFERENCE,
     samples: Path = SAMPLES,
     metrics: Path = METRICS,
 ) -> None:
-    """FID, IS and KID (and precision/recall) of the samples against a prepared split."""
+    """FID, IS and KID (and precision/recall) of the samples against a prepared split.
+
+    With evaluate.repeats k > 1, also of k - 1 further seed ranges of as many images, sampled
+    here from models/ema.pt with the samples' settings: eval.json gives each range, their mean,
+    standard deviation and minimum.
+    """
     from pipeline.evaluate import evaluate_stage
 
-    evaluate_stage(params, data, samples, metrics)
+    evaluate_stage(params, models, data, samples, metrics)
 
 
 @app.command()

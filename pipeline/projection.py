@@ -170,19 +170,28 @@ def model_settings(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_record(layout: Layout) -> Record:
-    """metrics/eval.json: the scores (fid, kid_mean, isc_mean, ...) and num_images."""
+    """metrics/eval.json: the scores (fid, kid_mean, isc_mean, ...: the ranges' mean), their
+    spread (fid_std, fid_min, ...; a null std, from one range, is not logged), num_images and
+    repeats, and each seed range's scores as ``eval/ranges/<score>`` with the range as step."""
     path = layout.metrics / "eval.json"
     summary = _json(path)
-    metrics = {
+    metrics: Series = {
         f"eval/{key}": [(0, float(value))]
         for key, value in sorted(summary.items())
-        if isinstance(value, int | float) and not isinstance(value, bool)
-        and key not in EVAL_NOT_LOGGED
+        if _number(value) and key not in EVAL_NOT_LOGGED
     }  # fmt: skip
+    for entry in summary.get("ranges", []):
+        for key, value in sorted(entry.items()):
+            if _number(value) and key != "range":
+                metrics.setdefault(f"eval/ranges/{key}", []).append((entry["range"], float(value)))
     dataset = (_manifest(layout), summary["reference_split"], "evaluation")
     # the protocol the numbers were measured under, as the run's eval.protocol.* params
     params = flatten(summary.get("protocol", {}), "eval.protocol.")
     return Record("evaluate", metrics, [dataset], [(path, "metrics")], params=params)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def flatten(tree: dict[str, Any], prefix: str) -> dict[str, str]:

@@ -38,7 +38,7 @@ from ddpm.data.prepared import load_prepared
 from ddpm.distributed import Distributed
 from ddpm.errors import CheckpointError, NonFiniteSamplesError
 from ddpm.figures import forward_process_figure, schedule_figure
-from ddpm.files import atomic_write_bytes, replace_dir
+from ddpm.files import atomic_write_bytes, file_sha256, replace_dir
 from ddpm.generation import generate, image_generators, image_labels, slerp
 from ddpm.pixels import grid, to_float, to_uint8
 from ddpm.progress import Progress
@@ -48,6 +48,7 @@ from pipeline.errors import Problems, stage_errors
 from pipeline.model import log_image_model
 from pipeline.outputs import save_png, write_json
 from pipeline.projection import Layout, project, sample_record
+from pipeline.render import rendered
 from pipeline.runtime import distributed
 from pipeline.settings import Machine, SampleParams, load_params, prefixed
 from pipeline.tracking import Tracker
@@ -178,12 +179,9 @@ def render_images(
     progress: bool = True,
 ) -> None:
     """Sample each batch of image indices and write image i as ``folder/<i:06d>.png``."""
-    sampler, total = s.sampler_config(), sum(len(b) for b in batches)
-    with Progress(total, "sample", "img", enabled=progress) as bar:
-        for batch in batches:
-            x = generate(net.model, net.diffusion, batch, seed, sampler, classes=s.classes,
-                         device=device, bf16=s.bf16)  # fmt: skip
-            for index, image in zip(batch, to_uint8(x), strict=True):
+    with Progress(sum(len(b) for b in batches), "sample", "img", enabled=progress) as bar:
+        for batch, images in rendered(net, s, seed, batches, device):
+            for index, image in zip(batch, images, strict=True):
                 save_png(folder / f"{index:06d}.png", image)
             bar.update(len(batch))
 
@@ -266,6 +264,7 @@ def manifest(net: SamplingModel, s: SampleParams, seed: int, path: Path) -> dict
         **s.model_dump(mode="json"),
         "seed": seed,
         "checkpoint": str(path),
+        "checkpoint_sha256": file_sha256(path),  # evaluate's extra ranges check it
         "checkpoint_step": net.step,
         "image_size": cfg.image_size,
         "num_timesteps": net.diffusion.num_timesteps,

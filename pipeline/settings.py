@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -152,6 +160,21 @@ class EvaluateParams(Section):
     prc_weights: str = Field(
         description="Local VGG16 weights for prc; empty: download (env DDPM_VGG16_WEIGHTS)."
     )
+    repeats: int = Field(
+        description="Disjoint seed ranges of sample.num_images images scored (EDM's protocol: "
+        "3); range 0 is samples/, the others are sampled by evaluate; eval.json gives each "
+        "range, their mean, std and minimum."
+    )
+
+    @field_validator("repeats")
+    @classmethod
+    def _at_least_one(cls, repeats: int) -> int:
+        if repeats < 1:
+            raise ValueError(
+                f"evaluate.repeats={repeats} scores no images: set it to 1 (the samples alone) "
+                "or more (3 is EDM's protocol)"
+            )
+        return repeats
 
     def size_problems(
         self, samples: int, what: str, reference: int | None = None, prc: bool = True

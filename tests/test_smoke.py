@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -201,12 +202,33 @@ def test_unchanged_pipeline_reruns_nothing(smoke):
     assert "Data and pipelines are up to date" in out, out
 
 
+# three seed ranges of 25 images (KID's subsets of 25 allow no fewer): the experiments from
+# here on are scored so, and the cosine one is compared with ddim-10 against their noise
+REPEATS = ("-S", "sample.num_images=25", "-S", "evaluate.repeats=3")
+
+
+def three_ranges(smoke: Path) -> dict:
+    """eval.json of three ranges of 25 images: each range's numbers, their mean, std, min."""
+    evaluation = json.loads((smoke / "metrics" / "eval.json").read_text())
+    ranges = evaluation["ranges"]
+    assert [r["image_indices"] for r in ranges] == ["0-24", "25-49", "50-74"], ranges
+    assert evaluation["repeats"] == 3 and evaluation["num_images"] == 25
+    for key in ("fid", "kid_mean", "isc_mean"):
+        values = [r[key] for r in ranges]
+        assert len(set(values)) == 3, (key, values)  # disjoint images, three numbers
+        assert evaluation[key] == pytest.approx(statistics.mean(values), rel=1e-12)
+        assert evaluation[f"{key}_std"] == pytest.approx(statistics.stdev(values), rel=1e-9)
+        assert evaluation[f"{key}_min"] == min(values)
+    return evaluation
+
+
 def test_a_sampling_param_reruns_only_sample_and_evaluate(smoke):
-    done = dvc(smoke, "exp", "run", "-n", "ddim-10", "-S", "sample.steps=10")
+    done = dvc(smoke, "exp", "run", "-n", "ddim-10", "-S", "sample.steps=10", *REPEATS)
     assert "Running stage 'sample'" in done.stdout and "Running stage 'evaluate'" in done.stdout
     assert "Running stage 'train'" not in done.stdout, done.stdout
-    assert "Running stage 'frontier'" not in done.stdout  # it never reads sample.steps
-    assert json.loads((smoke / "metrics" / "eval.json").read_text())["steps"] == 10
+    assert "Running stage 'frontier'" not in done.stdout  # it reads neither key
+    assert "evaluate: 3 seed ranges of 25 images (evaluate.repeats)" in done.stdout
+    assert three_ranges(smoke)["steps"] == 10
     _, runs = mlflow_runs(smoke)
     run = {r.info.run_name: r for r in runs}["ddim-10"]
     # DVC skipped train, yet the run opened by sample carries every param of the experiment
@@ -220,7 +242,12 @@ def test_a_cosine_experiment_then_a_queued_sweep_over_both_schedules_restores_an
     stages' included (track projects them): dataset input, artifacts, every metric."""
     done = dvc(smoke, "exp", "run", "-n", "cosine-smoke", "-S", "schedule=cosine")
     assert "Running stage 'train'" in done.stdout and "Running stage 'prepare'" not in done.stdout
-    assert "cosine-smoke" in json.dumps(json.loads(dvc(smoke, "exp", "show", "--json").stdout))
+    cosine = three_ranges(smoke)  # ddim-10's settings but the schedule: compared against noise
+    shown = experiment_metrics(smoke)
+    linear = shown["ddim-10"]
+    assert shown["cosine-smoke"]["fid"] == pytest.approx(cosine["fid"])
+    assert linear["fid_std"] > 0 and "ranges" not in linear  # dvc exp show: numbers only
+    print(f"\nsmoke figures (untrained Inception: not real FID), {against_noise(linear, cosine)}")
     dvc(smoke, "exp", "run", "--queue", "-S", "schedule=linear,cosine")
     done = dvc(smoke, "exp", "run", "--run-all", "-j", "1")
     for stage in ("train", "evaluate", "frontier"):  # sample is not cached: it reruns
@@ -244,6 +271,31 @@ def test_a_cosine_experiment_then_a_queued_sweep_over_both_schedules_restores_an
     assert by_name["cosine-smoke"].data.tags["dvc_exp_name"] == "cosine-smoke"
     for name in swept:
         assert by_name[name].data.tags["stage.train"] == "restored"
+
+
+def experiment_metrics(project: Path) -> dict[str, dict]:
+    """eval.json of each named experiment, as ``dvc exp show`` has it."""
+    out = {}
+    for commit in json.loads(dvc(project, "exp", "show", "--json").stdout):
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                out[rev["name"]] = rev["data"]["metrics"]["metrics/eval.json"]["data"]
+    return out
+
+
+def against_noise(a: dict, b: dict) -> str:
+    """The README's test of two experiments: their FID difference against the noise of a
+    difference, sqrt(fid_std_a^2 + fid_std_b^2): beyond twice it they differ, within once
+    it they do not, in between it takes more ranges or images to tell."""
+    difference, noise = b["fid"] - a["fid"], math.hypot(a["fid_std"], b["fid_std"])
+    ratio = abs(difference) / noise
+    verdict = "differ" if ratio > 2 else "same" if ratio < 1 else "undecided: run more ranges"
+    return (
+        f"FID over 3 ranges of 25 images, mean (std): linear {a['fid']:.2f} ({a['fid_std']:.2f}),"
+        f" cosine {b['fid']:.2f} ({b['fid_std']:.2f}); difference {difference:+.2f}, noise "
+        f"sqrt({a['fid_std']:.2f}^2 + {b['fid_std']:.2f}^2) = {noise:.2f}: {ratio:.2f} x the "
+        f"noise, {verdict}"
+    )
 
 
 def queued_experiments(project: Path) -> dict[str, str]:

@@ -59,7 +59,7 @@ def test_torch_fidelity_scores_on_the_device(device, inception_weights, tmp_path
     extraction = Extraction(INCEPTION, weights, {"fid": True, "isc": True, "kid": True})
     e = EvaluateParams(reference_split="train", fid=True, isc=True, kid=True, prc=False,
                        kid_subset_size=10, kid_subsets=10, isc_splits=2, batch_size=20,
-                       prc_weights="")  # fmt: skip
+                       prc_weights="", repeats=1)  # fmt: skip
     scores = [fidelity(UInt8Images(fake), UInt8Images(real), "ref", extraction, e, 0, tmp_path,
                        verbose=False) for _ in range(2)]  # fmt: skip
     assert set(scores[0]) >= {"fid", "isc_mean", "kid_mean"}

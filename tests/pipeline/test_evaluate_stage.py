@@ -21,8 +21,11 @@ from stages import enter_project, prepare_split, project_params
 from typer.testing import CliRunner
 
 from ddpm.data.prepared import load_prepared
+from pipeline import evaluate as evaluate_module
 from pipeline import fidelity
 from pipeline.cli import app
+from pipeline.render import aligned_batches
+from pipeline.sample import read_pngs
 
 runner = CliRunner()
 
@@ -67,7 +70,7 @@ def run_evaluate(*args: str) -> str:
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_of_generated_samples_larger(
-    project, tiny_checkpoint, inception_weights
+    project, tiny_checkpoint, inception_weights, monkeypatch
 ):
     reference = load_prepared(project / "data" / "prepared", "train").images
     write_samples(project / "samples", reference)
@@ -131,6 +134,12 @@ def test_fid_of_a_set_against_itself_is_zero_and_of_generated_samples_larger(
     assert params["eval.protocol.feature_extractors.inception-v3-compat"] == file_sha256(
         inception_weights
     )
+    # one range: its own numbers; the std is not measured (null in eval.json, not in the run)
+    assert other["repeats"] == 1 and other["fid_std"] is None and other["fid_min"] == other["fid"]
+    assert [r["image_indices"] for r in other["ranges"]] == ["0-11"]
+    assert "eval/fid_std" not in run.data.metrics and run.data.metrics["eval/fid_min"] > 1.0
+
+    three_ranges_as_the_sample_stage_samples_them(project, other, tiny_checkpoint, monkeypatch)
 
 
 def test_missing_weights_on_an_offline_machine_name_both_ways(project, monkeypatch, dead_url):
@@ -165,6 +174,7 @@ def test_missing_weights_on_an_offline_machine_name_both_ways(project, monkeypat
         ({}, 0, "holds no samples (no manifest.json); run `pipeline sample`", 1),
         ({"kid_subset_size": 30}, 12, "evaluate.kid_subset_size=30 is more than sample.num_im", 2),
         ({"fid": False, "isc": False, "kid": False}, 12, "every evaluate metric is off", 2),
+        ({"repeats": 0}, 12, "evaluate.repeats=0 scores no images: set it to 1 (the samples", 2),
     ],
 )
 def test_bad_inputs_are_refused_before_any_work(project, evaluate_params, samples, message, code):
@@ -238,3 +248,90 @@ def test_precision_recall_runs_vgg16_with_its_own_weights_and_cache_name(project
     assert summary["feature_extractor"] == "inception-v3-compat+vgg16"
     assert str(vgg) in summary["weights"] and str(vgg) in summary["label"]
     assert np.isclose(summary["f_score"], 1 / 3)
+
+
+def set_params(**sections: dict) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    for name, values in sections.items():
+        params[name].update(values)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+
+
+SCORES = ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std")
+
+
+def three_ranges_as_the_sample_stage_samples_them(
+    project: Path, single: dict, tiny_checkpoint, monkeypatch
+) -> None:
+    """evaluate.repeats: 3 on the 12 samples ``single`` scored: range 0 is the samples folder,
+    scored as before; ranges 1 and 2 are images 12-23 and 24-35, pixel for pixel the PNGs the
+    sample stage writes with num_images 36; the top level holds their mean, std and minimum;
+    then other weights than the samples', or a manifest without them, are refused."""
+    handed = []
+
+    def spy(images, *args, **kwargs):
+        handed.append(images)
+        return fidelity.fidelity(images, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "fidelity", spy)
+    set_params(evaluate={"repeats": 3})
+    output = " ".join(run_evaluate().split())
+    assert (
+        "evaluate: 3 seed ranges of 12 images (evaluate.repeats): images 0-11 are samples/, "
+        "images 12-35 are sampled here (ddim, 4 network evaluations an image: 96)" in output
+    )
+    summary = json.loads(Path("metrics/eval.json").read_text())
+    ranges = summary["ranges"]
+    assert [(r["range"], r["image_indices"]) for r in ranges] == [(0, "0-11"), (1, "12-23"),
+                                                                  (2, "24-35")]  # fmt: skip
+    assert {k: ranges[0][k] for k in SCORES} == {k: single[k] for k in SCORES}
+    for key in ("fid", "kid_mean", "isc_mean"):
+        values = [r[key] for r in ranges]
+        mean = sum(values) / 3
+        std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5  # the sample std, n - 1
+        assert summary[key] == pytest.approx(mean, rel=1e-12)
+        assert summary[f"{key}_std"] == pytest.approx(std, rel=1e-9) and std > 0
+        assert summary[f"{key}_min"] == min(values)
+    assert summary["repeats"] == 3 and summary["num_images"] == 12
+    assert summary["protocol"]["seeds"]["image_indices"] == "0-11, 12-23, 24-35"
+    images = summary["protocol"]["images"]
+    assert "; ranges 1-2: uint8 tensors sampled by evaluate from models" in images
+
+    # the run holds the spread, and each range with the range as its step
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    (run,) = [r for r in runs if r.data.params["evaluate.repeats"] == "3"]
+    assert run.data.metrics["eval/fid"] == pytest.approx(summary["fid"])
+    assert run.data.metrics["eval/fid_std"] == pytest.approx(summary["fid_std"])
+    assert run.data.metrics["eval/isc_mean_min"] == pytest.approx(summary["isc_mean_min"])
+    history = client.get_metric_history(run.info.run_id, "eval/ranges/fid")
+    assert sorted((m.step, m.value) for m in history) == [
+        (j, pytest.approx(r["fid"])) for j, r in enumerate(ranges)
+    ]
+
+    # the images handed over: the folder, then the PNGs the sample stage writes for 12-35
+    set_params(sample={"num_images": 36})
+    assert runner.invoke(app, ["sample"]).exit_code == 0
+    assert handed[0] == str(Path("samples/images"))
+    assert torch.equal(handed[1].images, read_pngs(Path("samples/images"), range(12, 24)))
+    assert torch.equal(handed[2].images, read_pngs(Path("samples/images"), range(24, 36)))
+
+    # other weights than the samples', or a manifest that does not say: refused before any work
+    written = Path("metrics/eval.json").stat().st_mtime_ns
+    tiny_checkpoint(project / "models" / "ema.pt", note="retrained")
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 1 and "is not the file the samples were drawn from" in result.output
+    assert "run `pipeline sample` again" in result.output and "reference" not in result.output
+    manifest = json.loads(Path("samples/manifest.json").read_text())
+    del manifest["checkpoint_sha256"]
+    Path("samples/manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 1 and "does not record ['checkpoint_sha256']" in result.output
+    assert Path("metrics/eval.json").stat().st_mtime_ns == written
+
+
+def test_a_range_is_cut_into_the_sample_stages_batches():
+    assert aligned_batches(range(0, 7), 2) == [range(0, 2), range(2, 4), range(4, 6), range(6, 7)]
+    assert aligned_batches(range(12, 24), 8) == [range(12, 16), range(16, 24)]
+    assert aligned_batches(range(8, 16), 4) == [range(8, 12), range(12, 16)]
+    assert aligned_batches(range(5, 6), 4) == [range(5, 6)]

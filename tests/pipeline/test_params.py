@@ -92,6 +92,7 @@ def write(tmp_path: Path, **overrides) -> Path:
         ({"sample__variance": "learned"}, ["sample.variance=learned needs a model with learned"]),
         ({"nll__variance": "learned"}, ["nll.variance=learned needs model.learn_sigma: true"]),
         ({"nll__stride": 1000}, ["nll.stride=1000 is more than T - 1 = 999"]),
+        ({"evaluate__repeats": 0}, ["evaluate.repeats=0 scores no images: set it to 1"]),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_key(tmp_path, override, words):
