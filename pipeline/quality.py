@@ -87,7 +87,7 @@ class TrainFid:
         self.settings = EvaluateParams(
             reference_split=split, fid=True, isc=False, kid=True, prc=False,
             kid_subset_size=kid_subset_size(config), kid_subsets=KID_SUBSETS, isc_splits=1,
-            batch_size=FEATURE_BATCH, prc_weights="",
+            batch_size=FEATURE_BATCH, prc_weights="", repeats=1,
         )  # fmt: skip
         self.first = True
 

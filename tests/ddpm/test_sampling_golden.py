@@ -24,8 +24,10 @@ def test_the_refactor_changes_no_image(name, fields, learned):
     classes = None if learned else CLASSES
     with torch.no_grad():
         x = generate(net, DIFFUSION, INDICES, SEED, SamplerConfig(**fields), classes=classes)
-    # bit for bit: every step does the same arithmetic in the same order as before
-    assert torch.equal(x, RECORDED[name]), float((x - RECORDED[name]).abs().max())
+    # the same arithmetic in the same order as before: bit for bit on the CPU that recorded it
+    # (an AMD EPYC); another CPU's kernels round the network's sums differently in the last
+    # bits (3e-7 seen on an Intel Xeon), far below what any change to a step would move
+    torch.testing.assert_close(x, RECORDED[name], rtol=0, atol=1e-5)
 
 
 def test_every_recorded_case_is_checked():

@@ -234,13 +234,13 @@ def test_weights_that_are_not_a_checkpoint_are_one_line_naming_the_file(project,
 def test_non_finite_samples_from_finite_weights_blame_the_sampler_settings(project, monkeypatch):
     """NaN images from weights that are all finite come from the sampler: the error names its
     settings, not the weights (it used to say the weights were broken)."""
-    import pipeline.sample
+    import pipeline.render
     from ddpm.errors import NonFiniteSamplesError
 
     def diverges(*args, **kwargs):
         raise NonFiniteSamplesError("the ddim-5 sampler produced NaN or inf values for images [0]")
 
-    monkeypatch.setattr(pipeline.sample, "generate", diverges)
+    monkeypatch.setattr(pipeline.render, "generate", diverges)  # the images' batches
     result = runner.invoke(app, ["sample"])
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
