@@ -253,10 +253,21 @@ class Tracker:
         or the generator) as source, and a profile of the images."""
         if not self.enabled:
             return
-        try:
-            self._mlflow.log_input(prepared_dataset(manifest, split), context=context)
-        except Exception as exc:
-            self._fail("logging the dataset", exc)
+        dataset = prepared_dataset(manifest, split)
+        for attempt in range(2):
+            try:
+                self._mlflow.log_input(dataset, context=context)
+                return
+            except Exception as exc:
+                # Two runs logging the same dataset at once (queue workers on one server)
+                # both find it missing and both insert it: the second insert breaks the
+                # experiment's unique (name, digest); by then it exists, and a retry links it
+                raced = any(w in str(exc) for w in ("UNIQUE constraint", "duplicate key"))
+                if attempt == 0 and raced:
+                    time.sleep(0.5)
+                    continue
+                self._fail("logging the dataset", exc)
+                return
 
     def log_model(self, log: Callable[..., Any], *args: Any) -> None:
         """The run's pyfunc ``model``, by ``log(*args)`` (:func:`pipeline.model.log_image_model`,

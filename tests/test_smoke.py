@@ -556,11 +556,12 @@ def test_teammates_get_a_run_and_an_experiment_through_the_dvc_and_git_remotes(s
     assert ran <= {"sample", "track"}, ran  # sample: samples/ is cache: false, by design
     assert "Data and pipelines are up to date" in dvc(first, "status").stdout
 
+    # DVC takes the remote from the experiment's own commit, which predates it: both sides
+    # name it in .dvc/config.local (where credentials go too), or no output travels
+    dvc(smoke, "remote", "add", "--local", "-f", "-d", "store", str(remote))
     dvc(smoke, "exp", "push", "origin", "cosine-smoke")
     second = tmp_path / "second"
     git(tmp_path, "clone", "-q", str(origin), str(second))
-    # DVC reads the remote from the experiment's own commit, which predates the remote: the
-    # teammate names it in .dvc/config.local (where credentials go too), or it pulls nothing
     dvc(second, "remote", "add", "--local", "-d", "store", str(remote))
     dvc(second, "exp", "pull", "origin", "cosine-smoke")
     dvc(second, "exp", "apply", "cosine-smoke")
@@ -582,7 +583,7 @@ def test_the_train_task_files_run_script_trains_with_torchrun_and_pushes_the_exp
     it pulls the prepared data, trains, pushes the weights to the DVC remote and the
     experiment to git, and logs to the MLflow store named in MLFLOW_TRACKING_URI."""
     origin = git(smoke, "remote", "get-url", "origin").strip()
-    remote = dvc(smoke, "remote", "list").stdout.split()[1]
+    remote = dvc(smoke, "config", "remote.store.url").stdout.strip()  # list wraps long URLs
     node = tmp_path / "node0"
     git(tmp_path, "clone", "-q", origin, str(node))
     (node / ".venv").symlink_to(Path(sys.executable).parents[1])  # what the task's setup builds
