@@ -63,7 +63,7 @@ from pipeline.fidelity import (
     UInt8Images,
     fidelity,
     reference_cache_name,
-    resolve_weights,
+    resolve_inception,
 )
 from pipeline.outputs import save_png, write_json
 from pipeline.projection import Layout, edit_record, project
@@ -138,9 +138,7 @@ def check_inputs(
     split = problems.load(_split, data, d.split)
     extraction = None
     if d.mode == "sdedit":  # KID against the reference, with the evaluate stage's features
-        resolved = problems.load(
-            resolve_weights, INCEPTION, machine.inception_weights or p.inception_weights
-        )
+        resolved = problems.load(resolve_inception, machine, p.inception_weights)
         extraction = None if resolved is None else Extraction(INCEPTION, resolved, {"kid": True})
         if d.num_images < 2:
             problems.add([f"edit.num_images={d.num_images}: KID of the SDEdit results needs at "

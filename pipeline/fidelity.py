@@ -247,6 +247,12 @@ def fidelity(
     return scores
 
 
+def resolve_inception(machine: Machine, configured: str) -> ResolvedWeights:
+    """The Inception weights of every FID: the environment's (``DDPM_INCEPTION_WEIGHTS``),
+    else params.yaml's ``inception_weights`` (``configured``), else the download."""
+    return resolve_weights(INCEPTION, machine.inception_weights or configured)
+
+
 def plan(
     e: EvaluateParams, machine: Machine, inception: str, prc: bool | None = None
 ) -> list[Extraction]:
@@ -255,7 +261,7 @@ def plan(
     False leaves precision/recall out whatever ``e.prc`` says (the frontier)."""
     out = []
     if e.fid or e.isc or e.kid:
-        weights = resolve_weights(INCEPTION, machine.inception_weights or inception)
+        weights = resolve_inception(machine, inception)
         out.append(Extraction(INCEPTION, weights, {"fid": e.fid, "isc": e.isc, "kid": e.kid}))
     if e.prc if prc is None else prc:
         weights = resolve_weights(VGG16, machine.vgg16_weights or e.prc_weights)

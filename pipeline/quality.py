@@ -29,7 +29,7 @@ from pipeline.fidelity import (
     UInt8Images,
     fidelity,
     reference_cache_name,
-    resolve_weights,
+    resolve_inception,
 )
 from pipeline.settings import EvaluateParams, Machine
 
@@ -58,7 +58,7 @@ def fid_problems(config: FidConfig, reference: PreparedSplit) -> list[str]:
 def fid_extraction(machine: Machine, inception: str) -> Extraction:
     """The Inception weights FID and KID use (the environment's, or params' inception_weights,
     or the download), resolved or refused (FeatureWeightsError) before training starts."""
-    weights = resolve_weights(INCEPTION, machine.inception_weights or inception)
+    weights = resolve_inception(machine, inception)
     return Extraction(INCEPTION, weights, {"fid": True, "isc": False, "kid": True})
 
 

@@ -196,8 +196,9 @@ def check_inputs(
         if p.model.conditional and not split.manifest["num_classes"]:
             problems.add([f"model.conditional is true but the prepared {name} split has no "
                           "labels: set it to false or use a labelled dataset"])  # fmt: skip
-    if fid.every and splits[("train", "val").index(fid.reference_split)] is not None:
-        problems.add(fid_problems(fid, splits[("train", "val").index(fid.reference_split)]))
+    reference = splits[("train", "val").index(fid.reference_split)]
+    if fid.every and reference is not None:
+        problems.add(fid_problems(fid, reference))
     problems.check()
     return (splits[0], splits[1]), extraction
 
