@@ -32,12 +32,13 @@ ui: $(STAMP)
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath $(STORE)) --host 127.0.0.1 --port 5000
 
 # Both cores: test files run side by side (pytest-xdist), each file whole on one worker, in its
-# order (the smoke project's tests change one project in turn). JOBS=0: one process.
+# order (the smoke project's tests change one project in turn), the files in the order
+# tests/conftest.py gives them. JOBS=0: one process.
 JOBS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .

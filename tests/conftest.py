@@ -17,14 +17,19 @@ from ddpm.config import DiffusionConfig
 from ddpm.ema import EMA
 from ddpm.unet import UNet
 
-# The longest files, first: `make test` runs the files on two pytest-xdist workers (whole files,
-# --dist loadfile), and each of these then starts at once on a worker of its own.
+# `make test` runs the files on two pytest-xdist workers (whole files, --dist loadfile, in this
+# order: --no-loadscope-reorder), each worker taking the next file as it runs out. The longest
+# files first, each at once on a worker of its own; last, the smoke experiments that wait for
+# the smoke project test_smoke.py's worker builds first (tests/smoke_project.py), long built by
+# then, and that, small, even out the two workers' ends.
 SLOWEST_FIRST = ("test_smoke.py", "test_gpu_check.py")
+LAST = ("test_smoke_experiments.py",)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
+    rank |= {name: len(rank) + 1 + i for i, name in enumerate(LAST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))  # stable
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
 """The smoke pipeline end to end: the real dvc.yaml stages, tiny and offline, read back.
 
-One smoke project is built per test session (scripts/smoke.py into a temporary folder) and
-every test reads its results: metrics, the MLflow run, a second experiment through
-``dvc exp run -S``, a run and an experiment shared through a DVC remote and a git remote, and
-the SkyPilot training task's run script.
+This file's copy of the session's smoke project (tests/smoke_project.py) changes in turn: its
+results as built, a second and a third experiment through ``dvc exp run -S`` compared against
+their noise, a queued sweep on two workers logging to a real ``mlflow server``, the registry
+and the model served from it, FID during training, the explore notebook, a run and an
+experiment shared through a DVC remote and a git remote, and the SkyPilot training task's
+run script. tests/test_smoke_experiments.py runs the other experiments on a copy of its own.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -39,6 +40,7 @@ from notebook_run import EXAMPLES, cell, execute, mime_types, stdout
 from PIL import Image
 from runs import run_contents
 from servers import TrackingServer, invoke, model_server
+from smoke_project import built, copy_project, dvc, dvc_env, mlflow_runs
 
 from ddpm.checkpoint import load_checkpoint
 from pipeline.projection import Layout, curve_rows
@@ -48,40 +50,17 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def dvc_env(tracking: str | None = None) -> dict[str, str]:
-    """The venv first on PATH; MLflow at ``tracking`` (the project's SQLite store if None)."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    if tracking is not None:
-        env["MLFLOW_TRACKING_URI"] = tracking
-    # one thread per stage, as scripts/smoke.py built the project: the same thread count
-    # makes the same float sums, so a stage that reruns writes the same files (a sample stage
-    # rerun writes the same images, and DVC restores evaluate); and two workers share 2 cores
-    env.update(DDPM_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    return env
-
-
-def dvc(project: Path, *args: str, tracking: str | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=project, env=dvc_env(tracking),
-        capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-    return done
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory) -> Path:
+    """This file's copy of the session's smoke project, as every stage ran."""
+    return copy_project(built(tmp_path_factory), tmp_path_factory.mktemp("smoke") / "project")
 
 
 @pytest.fixture(scope="session")
-def smoke(tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("smoke") / "project"
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "smoke.py"), "--dest", str(dest)],
-        check=True, timeout=1200,
-    )  # fmt: skip
-    # as every stage ran, before any test changes it; without the MLflow store
-    untracked = shutil.ignore_patterns("mlflow.db", "mlruns")
-    shutil.copytree(dest, dest.parent / "as-built", symlinks=True, ignore=untracked)
-    return dest
+def as_built(tmp_path_factory) -> Path:
+    """Another copy, without the MLflow store, for the test that resumes its training."""
+    dest = tmp_path_factory.mktemp("as-built") / "project"
+    return copy_project(built(tmp_path_factory), dest, mlflow=False)
 
 
 @pytest.fixture(scope="session")
@@ -91,13 +70,6 @@ def server(tmp_path_factory) -> Iterator[TrackingServer]:
     server.start()
     yield server
     server.stop()
-
-
-def mlflow_runs(project: Path, name_prefix: str = "", tracking: str | None = None):
-    client = MlflowClient(tracking_uri=tracking or f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("ddpm")
-    runs = client.search_runs([experiment.experiment_id])
-    return client, [r for r in runs if r.info.run_name.startswith(name_prefix)]
 
 
 def test_smoke_pipeline_writes_finite_metrics(smoke):
@@ -131,30 +103,6 @@ def test_smoke_pipeline_logs_one_mlflow_run_with_params_metrics_and_artifacts(sm
     assert {"weights", "previews", "curves"} <= artifacts, artifacts
     assert run.data.tags["stage.train"] == run.data.tags["stage.evaluate"] == "done"
     assert run.data.tags["stage.nll"] == "done"
-
-
-def test_a_run_whose_stages_dvc_restored_holds_what_the_run_whose_stages_ran_holds(smoke):
-    """The smoke project as built, without dvc.lock and with a fresh MLflow store: DVC restores
-    every stage it can from its run cache, track projects their records, and the new run
-    holds what the first one does, key by key (params, metric histories, dataset inputs,
-    artifacts, the model, the registered version)."""
-    copy = smoke.parent / "as-built"
-    (copy / "dvc.lock").unlink()
-    done = dvc(copy, "repro")
-    for stage in ("prepare", "train", "evaluate", "frontier", "nll", "edit"):
-        assert f"Running stage '{stage}'" not in done.stdout, done.stdout
-    assert "Running stage 'track'" in done.stdout
-    (ran,), (restored,) = mlflow_runs(smoke, name_prefix="repro-")[1], mlflow_runs(copy)[1]
-    assert ran.info.run_name == restored.info.run_name
-    first = run_contents(mlflow_runs(smoke)[0], ran.info.run_id)
-    second = run_contents(mlflow_runs(copy)[0], restored.info.run_id)
-    # sample ran again (its folder is not DVC-cached, so not restorable): a new timing
-    for timing in ("sample/images_per_second", "sample/wall_time_s"):
-        assert first["metrics"].pop(timing) and second["metrics"].pop(timing)
-    for key in first:
-        assert second[key] == first[key], key
-    assert restored.data.tags["stage.train"] == "restored" == restored.data.tags["stage.frontier"]
-    assert first["registered"] and first["models"] and "train/ema_decay" in first["metrics"]
 
 
 def test_smoke_frontier_scores_two_samplers_at_two_step_counts_and_heun(smoke):
@@ -235,11 +183,11 @@ def test_a_sampling_param_reruns_only_sample_and_evaluate(smoke):
     assert run.data.params["sample.steps"] == "10" and run.data.params["train.steps"] == "150"
 
 
-def test_a_cosine_experiment_then_a_queued_sweep_over_both_schedules_restores_and_tracks(smoke):
-    """The sweep users run (`dvc exp run --queue -S schedule=linear,cosine`, one worker) after
-    one run of each schedule: DVC restores every stage it can from its run cache, and each
-    MLflow run, named after its experiment, still holds the whole record, the restored
-    stages' included (track projects them): dataset input, artifacts, every metric."""
+def test_a_cosine_experiment_is_told_from_ddim_10_against_their_noise_and_tracked(smoke):
+    """`dvc exp run -S schedule=cosine` on ddim-10's settings: every stage after prepare runs,
+    the difference of the two FIDs is printed beside the noise of their three seed ranges,
+    and the MLflow run, named after the experiment, holds the whole record: dataset inputs,
+    artifacts, every stage's metrics."""
     done = dvc(smoke, "exp", "run", "-n", "cosine-smoke", "-S", "schedule=cosine")
     assert "Running stage 'train'" in done.stdout and "Running stage 'prepare'" not in done.stdout
     cosine = three_ranges(smoke)  # ddim-10's settings but the schedule: compared against noise
@@ -248,29 +196,16 @@ def test_a_cosine_experiment_then_a_queued_sweep_over_both_schedules_restores_an
     assert shown["cosine-smoke"]["fid"] == pytest.approx(cosine["fid"])
     assert linear["fid_std"] > 0 and "ranges" not in linear  # dvc exp show: numbers only
     print(f"\nsmoke figures (untrained Inception: not real FID), {against_noise(linear, cosine)}")
-    dvc(smoke, "exp", "run", "--queue", "-S", "schedule=linear,cosine")
-    done = dvc(smoke, "exp", "run", "--run-all", "-j", "1")
-    for stage in ("train", "evaluate", "frontier"):  # sample is not cached: it reruns
-        assert f"Running stage '{stage}'" not in done.stdout, done.stdout
-    status = dvc(smoke, "queue", "status").stdout
-    assert status.count("Success") == 2 and "Failed" not in status, status
-    client, runs = mlflow_runs(smoke)
-    by_name = {r.info.run_name: r for r in runs}
-    swept = queued_experiments(smoke)
-    assert sorted(swept.values()) == ["cosine", "linear"], swept
-    for name, schedule in [*swept.items(), ("cosine-smoke", "cosine")]:
-        run = by_name[name]
-        assert run.info.status == "FINISHED", (name, run.info.status)
-        assert run.data.params["schedule"] == schedule and run.data.metrics["train/steps"] == 150
-        for key in ("eval/fid", "frontier/ddim/fid", "train/ema_decay"):
-            assert math.isfinite(run.data.metrics[key]), (name, key)
-        datasets = {d.dataset.name for d in run.inputs.dataset_inputs}
-        assert {"synthetic-train", "synthetic-val"} == datasets, (name, datasets)
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"curves", "frontier", "metrics", "previews", "weights"} <= artifacts, artifacts
-    assert by_name["cosine-smoke"].data.tags["dvc_exp_name"] == "cosine-smoke"
-    for name in swept:
-        assert by_name[name].data.tags["stage.train"] == "restored"
+    client, runs = mlflow_runs(smoke, "cosine-smoke")
+    (run,) = runs
+    assert run.info.status == "FINISHED" and run.data.tags["dvc_exp_name"] == "cosine-smoke"
+    assert run.data.params["schedule"] == "cosine" and run.data.metrics["train/steps"] == 150
+    for key in ("eval/fid", "frontier/ddim/fid", "nll/bpd", "train/ema_decay"):
+        assert math.isfinite(run.data.metrics[key]), key
+    datasets = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert {"synthetic-train", "synthetic-val"} == datasets, datasets
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"curves", "frontier", "metrics", "previews", "weights"} <= artifacts, artifacts
 
 
 def experiment_metrics(project: Path) -> dict[str, dict]:
@@ -321,28 +256,33 @@ def wait_for_queue(project: Path) -> str:
         time.sleep(2)
 
 
-def test_two_queue_workers_log_to_a_tracking_server_what_the_file_store_holds(smoke, server):
-    """The sweep above again, queued, with `dvc queue start -j 2` against a real `mlflow
-    server`: two experiments write to it at once, and each run holds, key by key, what the
-    file store's run of the same params holds (params, metric histories, dataset inputs,
-    artifacts, the model, its registered version); sample reruns, so its timings differ."""
-    dvc(smoke, "queue", "stop")  # an idle worker of the sweep above would log to the file store
-    before = queued_experiments(smoke)
+def test_a_sweep_on_two_queue_workers_logs_to_a_tracking_server_what_the_file_store_holds(
+    smoke, server
+):
+    """The sweep users queue (`dvc exp run --queue -S schedule=linear,cosine`) on ddim-10's
+    settings, run by `dvc queue start -j 2` against a real `mlflow server`: two experiments
+    write to it at once. DVC restores every stage it can from its run cache (sample is not
+    cached: it reruns, so its timings differ), and each run holds, key by key, what the file
+    store's run of the same params holds, ddim-10's and cosine-smoke's, whose stages ran
+    (params, metric histories, dataset inputs, artifacts, the model, its registered version)."""
     dvc(smoke, "exp", "run", "--queue", "-S", "schedule=linear,cosine")
     dvc(smoke, "queue", "start", "-j", "2", tracking=server.uri)
     status = wait_for_queue(smoke)
     dvc(smoke, "queue", "stop")
-    assert "Failed" not in status, status
-    swept = {n: s for n, s in queued_experiments(smoke).items() if n not in before}
+    assert status.count("Success") == 2 and "Failed" not in status, status
+    swept = queued_experiments(smoke)
     assert sorted(swept.values()) == ["cosine", "linear"], swept
     client, runs = mlflow_runs(smoke, tracking=server.uri)
     file_client, file_runs = mlflow_runs(smoke)
     by_name = {r.info.run_name: r for r in runs}
-    twins = {schedule: name for name, schedule in before.items()}
+    twins = {"linear": "ddim-10", "cosine": "cosine-smoke"}
     file_by_name = {r.info.run_name: r for r in file_runs}
     for name, schedule in swept.items():
-        assert by_name[name].info.status == "FINISHED", by_name[name].info
-        ours = run_contents(client, by_name[name].info.run_id)
+        run = by_name[name]
+        assert run.info.status == "FINISHED", run.info
+        for stage in ("train", "evaluate", "frontier"):
+            assert run.data.tags[f"stage.{stage}"] == "restored", (name, stage, run.data.tags)
+        ours = run_contents(client, run.info.run_id)
         theirs = run_contents(file_client, file_by_name[twins[schedule]].info.run_id)
         for timing in ("sample/images_per_second", "sample/wall_time_s"):
             assert ours["metrics"].pop(timing) and theirs["metrics"].pop(timing)
@@ -385,20 +325,20 @@ def test_the_servers_registry_over_rest_loads_and_serves_the_model(smoke, server
     assert np.array_equal(np.asarray(served["predictions"], dtype=np.uint8), written)
 
 
-def test_the_server_going_down_while_train_runs_loses_nothing(smoke, server, monkeypatch):
-    """The as-built copy resumes its 150 steps to 160 (a checkpoint, so a live curve row,
-    every 2 steps) under `dvc repro train`, against the server. Once a live row reached the
-    server, the server is killed (dvc and train held still meanwhile, so train has calls
-    left): train says so once and writes whole files. The server comes back; `dvc repro -s
-    track` completes the run from the files (only track: the other stages would rerun on
-    the new model), and it holds, key by key, what the file store's run of those files
-    holds, each metric step once."""
-    copy = smoke.parent / "as-built"
+def test_the_server_going_down_while_train_runs_loses_nothing(as_built, server, monkeypatch):
+    """A copy of the project as built resumes its 150 steps to 160 (a checkpoint, so a live
+    curve row, every 2 steps) under `dvc repro train`, against the server. Once a live row
+    reached the server, the server is killed (dvc and train held still meanwhile, so train has
+    calls left): train says so once and writes whole files. The server comes back; `dvc
+    repro -s track` completes the run from the files (only track: the other stages would
+    rerun on the new model), and it holds, key by key, what the file store's run of those
+    files holds, each metric step once."""
+    copy = as_built
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["train"].update(steps=160, checkpoint_every=2)
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     client = MlflowClient(tracking_uri=server.uri)
-    log = smoke.parent / "server-down.log"
+    log = copy.parent / "server-down.log"
     with open(log, "w") as out:
         repro = subprocess.Popen(
             [sys.executable, "-m", "dvc", "repro", "train"], cwd=copy, env=dvc_env(server.uri),
@@ -442,29 +382,6 @@ def test_the_server_going_down_while_train_runs_loses_nothing(smoke, server, mon
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["stage.train"] == "done"
     assert run.data.tags["stage.sample"] == "restored" and ours["registered"]
-
-
-@pytest.mark.parametrize(
-    ("mode", "keys"), [("sdedit", ("mse_to_input", "kid_mean")), ("reconstruct", ("psnr", "mse"))]
-)
-def test_each_edit_mode_runs_end_to_end_without_training(smoke, mode, keys):
-    """`dvc exp run -S edit.mode=...`: only edit (and track) run; the record is in the run."""
-    # the linear model (restored from the run cache): earlier tests left the workspace cosine,
-    # whose last abar is about 0, where DDIM inversion is ill-conditioned (6 dB at any steps)
-    linear = ("-S", "schedule=linear")
-    done = dvc(smoke, "exp", "run", "-n", f"edit-{mode}", "-S", f"edit.mode={mode}", *linear)
-    assert "Running stage 'edit'" in done.stdout, done.stdout
-    for stage in ("train", "frontier", "nll"):  # sample is not cached: it may rerun
-        assert f"Running stage '{stage}'" not in done.stdout, done.stdout
-    edit = json.loads((smoke / "metrics" / "edit.json").read_text())
-    assert edit["mode"] == mode and all(math.isfinite(edit["results"][k]) for k in keys), edit
-    assert (smoke / "edits" / "grid.png").is_file()
-    _, runs = mlflow_runs(smoke, name_prefix=f"edit-{mode}")
-    (run,) = runs
-    assert run.data.tags["stage.edit"] == "done" and run.info.status == "FINISHED"
-    for key in keys:
-        assert math.isfinite(run.data.metrics[f"edit/{mode}/{key}"]), key
-    # that the round trip sharpens with the steps: tests/ddpm/test_edits.py, on a known chain
 
 
 def test_fid_during_training_writes_its_curve_the_run_and_picks_best_pt_by_it(smoke):
