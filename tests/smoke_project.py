@@ -46,6 +46,27 @@ def dvc(project: Path, *args: str, tracking: str | None = None) -> subprocess.Co
     return done
 
 
+def git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"git {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def publish(project: Path, where: Path) -> tuple[Path, Path]:
+    """The team's two remotes, in ``where``: a local-folder DVC remote ``store`` (the default,
+    in .dvc/config) and a bare git repository ``origin``; the project's workspace, committed,
+    pushed to both. Returns the DVC remote's folder and origin's."""
+    remote, origin = where / "dvc-remote", where / "origin.git"
+    dvc(project, "remote", "add", "-f", "-d", "store", str(remote))
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "a run, and the team's DVC remote")
+    dvc(project, "push")
+    git(where, "init", "-q", "--bare", "-b", "main", str(origin))
+    git(project, "remote", "add", "origin", str(origin))
+    git(project, "push", "-q", "origin", "HEAD:main")
+    return remote, origin
+
+
 def mlflow_runs(project: Path, name_prefix: str = "", tracking: str | None = None):
     client = MlflowClient(tracking_uri=tracking or f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ddpm")

@@ -4,8 +4,8 @@ This file's copy of the session's smoke project (tests/smoke_project.py) changes
 results as built, a second and a third experiment through ``dvc exp run -S`` compared against
 their noise, a queued sweep on two workers logging to a real ``mlflow server``, the registry
 and the model served from it, FID during training, the explore notebook, a run and an
-experiment shared through a DVC remote and a git remote, and the SkyPilot training task's
-run script. tests/test_smoke_experiments.py runs the other experiments on a copy of its own.
+experiment shared through a DVC remote and a git remote. tests/test_smoke_experiments.py
+runs the other experiments on a copy of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import math
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,6 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
-import sky
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -40,7 +38,7 @@ from notebook_run import EXAMPLES, cell, execute, mime_types, stdout
 from PIL import Image
 from runs import run_contents
 from servers import TrackingServer, invoke, model_server
-from smoke_project import built, copy_project, dvc, dvc_env, mlflow_runs
+from smoke_project import built, copy_project, dvc, dvc_env, git, mlflow_runs, publish
 
 from ddpm.checkpoint import load_checkpoint
 from pipeline.projection import Layout, curve_rows
@@ -150,17 +148,17 @@ def test_unchanged_pipeline_reruns_nothing(smoke):
     assert "Data and pipelines are up to date" in out, out
 
 
-# three seed ranges of 25 images (KID's subsets of 25 allow no fewer): the experiments from
+# three seed ranges of 10 images (KID's subsets of 10 allow no fewer): the experiments from
 # here on are scored so, and the cosine one is compared with ddim-10 against their noise
-REPEATS = ("-S", "sample.num_images=25", "-S", "evaluate.repeats=3")
+REPEATS = ("-S", "sample.num_images=10", "-S", "evaluate.repeats=3")
 
 
 def three_ranges(smoke: Path) -> dict:
-    """eval.json of three ranges of 25 images: each range's numbers, their mean, std, min."""
+    """eval.json of three ranges of 10 images: each range's numbers, their mean, std, min."""
     evaluation = json.loads((smoke / "metrics" / "eval.json").read_text())
     ranges = evaluation["ranges"]
-    assert [r["image_indices"] for r in ranges] == ["0-24", "25-49", "50-74"], ranges
-    assert evaluation["repeats"] == 3 and evaluation["num_images"] == 25
+    assert [r["image_indices"] for r in ranges] == ["0-9", "10-19", "20-29"], ranges
+    assert evaluation["repeats"] == 3 and evaluation["num_images"] == 10
     for key in ("fid", "kid_mean", "isc_mean"):
         values = [r[key] for r in ranges]
         assert len(set(values)) == 3, (key, values)  # disjoint images, three numbers
@@ -175,7 +173,7 @@ def test_a_sampling_param_reruns_only_sample_and_evaluate(smoke):
     assert "Running stage 'sample'" in done.stdout and "Running stage 'evaluate'" in done.stdout
     assert "Running stage 'train'" not in done.stdout, done.stdout
     assert "Running stage 'frontier'" not in done.stdout  # it reads neither key
-    assert "evaluate: 3 seed ranges of 25 images (evaluate.repeats)" in done.stdout
+    assert "evaluate: 3 seed ranges of 10 images (evaluate.repeats)" in done.stdout
     assert three_ranges(smoke)["steps"] == 10
     _, runs = mlflow_runs(smoke)
     run = {r.info.run_name: r for r in runs}["ddim-10"]
@@ -226,7 +224,7 @@ def against_noise(a: dict, b: dict) -> str:
     ratio = abs(difference) / noise
     verdict = "differ" if ratio > 2 else "same" if ratio < 1 else "undecided: run more ranges"
     return (
-        f"FID over 3 ranges of 25 images, mean (std): linear {a['fid']:.2f} ({a['fid_std']:.2f}),"
+        f"FID over 3 ranges of 10 images, mean (std): linear {a['fid']:.2f} ({a['fid_std']:.2f}),"
         f" cosine {b['fid']:.2f} ({b['fid_std']:.2f}); difference {difference:+.2f}, noise "
         f"sqrt({a['fid_std']:.2f}^2 + {b['fid_std']:.2f}^2) = {noise:.2f}: {ratio:.2f} x the "
         f"noise, {verdict}"
@@ -436,12 +434,6 @@ def test_the_explore_notebook_runs_on_the_project_after_its_experiments(smoke, t
     assert base64.b64decode(gif) == (smoke / "samples" / "denoising.gif").read_bytes()
 
 
-def git(cwd: Path, *args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"git {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
 def changed_paths(status: dict) -> set[str]:
     """The paths ``dvc status --json`` reports, whatever the stage and the kind of change."""
     return {path for entries in status.values() for entry in entries if isinstance(entry, dict)
@@ -453,14 +445,7 @@ def test_teammates_get_a_run_and_an_experiment_through_the_dvc_and_git_remotes(s
     clone pulls the last run: only the uncached samples/ is missing, and `dvc repro` reruns
     nothing DVC caches. Another clone pulls an experiment and applies it: its weights and
     metrics, listed by `dvc exp show`."""
-    remote, origin = tmp_path / "dvc-remote", tmp_path / "origin.git"
-    dvc(smoke, "remote", "add", "-f", "-d", "store", str(remote))
-    git(smoke, "add", "-A")
-    git(smoke, "commit", "-q", "-m", "a run, and the team's DVC remote")
-    dvc(smoke, "push")
-    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
-    git(smoke, "remote", "add", "origin", str(origin))
-    git(smoke, "push", "-q", "origin", "HEAD:main")
+    remote, origin = publish(smoke, tmp_path)
 
     first = tmp_path / "first"
     git(tmp_path, "clone", "-q", str(origin), str(first))
@@ -491,48 +476,3 @@ def test_teammates_get_a_run_and_an_experiment_through_the_dvc_and_git_remotes(s
     assert math.isfinite(json.loads((second / "metrics" / "eval.json").read_text())["fid"])
     # its baseline is the commit before the clone's HEAD: listed with every commit's
     assert "cosine-smoke" in dvc(second, "exp", "show", "--all-commits", "--json").stdout
-
-
-def test_the_train_task_files_run_script_trains_with_torchrun_and_pushes_the_experiment(
-    smoke, tmp_path
-):
-    """cloud/train.sky.yaml's run, as SkyPilot runs it on node 0 of one node with two
-    processes (gloo on the CPU), in a fresh clone of the project pushed by the test above:
-    it pulls the prepared data, trains, pushes the weights to the DVC remote and the
-    experiment to git, and logs to the MLflow store named in MLFLOW_TRACKING_URI."""
-    origin = git(smoke, "remote", "get-url", "origin").strip()
-    remote = dvc(smoke, "config", "remote.store.url").stdout.strip()  # list wraps long URLs
-    node = tmp_path / "node0"
-    git(tmp_path, "clone", "-q", origin, str(node))
-    (node / ".venv").symlink_to(Path(sys.executable).parents[1])  # what the task's setup builds
-    params = yaml.safe_load((node / "params.yaml").read_text())
-    params["train"].update(steps=30, val_every=15, checkpoint_every=15, sample_every=30)
-    (node / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    task = sky.Task.from_yaml(str(ROOT / "cloud" / "train.sky.yaml"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    store = tmp_path / "server.db"
-    env = {**os.environ, **task.envs, "EXP_NAME": "sky-local", "DVC_REMOTE_URL": remote,
-           "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "RDZV_PORT": str(port),
-           "DDPM_CHECKPOINT_DIR": str(tmp_path / "bucket"), "SKYPILOT_NUM_NODES": "1",
-           "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NUM_GPUS_PER_NODE": "2",
-           "SKYPILOT_NODE_IPS": "127.0.0.1", "DDPM_DEVICE": "cpu", "DDPM_NUM_THREADS": "1",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    done = subprocess.run(["bash", "-c", task.run], cwd=node, env=env, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log
-    assert log.count("starting fresh") == 1  # one job of two processes; rank 0 speaks
-    summary = json.loads((node / "metrics" / "train.json").read_text())
-    assert (summary["steps"], summary["effective_batch_size"]) == (30, 2 * 16), summary
-    (checkpoint,) = (tmp_path / "bucket").glob("*/last.pt")
-    assert summary["checkpoints"] == str(checkpoint.parent)
-    md5 = hashlib.md5((node / "models" / "ema.pt").read_bytes()).hexdigest()
-    assert (Path(remote) / "files" / "md5" / md5[:2] / md5[2:]).is_file()
-    assert "refs/exps/" in git(node, "ls-remote", origin) and "sky-local" in git(
-        node, "ls-remote", origin
-    )
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    (run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
-    assert run.info.run_name == "sky-local" and run.data.metrics["train/steps"] == 30

@@ -1,18 +1,28 @@
-"""Experiments on the smoke project that need none of tests/test_smoke.py's: a run whose
-stages DVC restored from its run cache, and the edit stage's other modes. They run on a copy
-of their own of the session's smoke project (tests/smoke_project.py), beside test_smoke.py on
-the other pytest-xdist worker.
+"""What on the smoke project needs none of tests/test_smoke.py's experiments: a run whose
+stages DVC restored from its run cache, the edit stage's other modes, and the SkyPilot
+training task's run script. They run on a copy of their own of the session's smoke project
+(tests/smoke_project.py), beside test_smoke.py, on the other pytest-xdist worker.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import sky
+import yaml
+from mlflow.tracking import MlflowClient
 from runs import run_contents
-from smoke_project import built, copy_project, dvc, mlflow_runs
+from smoke_project import built, copy_project, dvc, git, mlflow_runs, publish
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -75,3 +85,47 @@ def test_each_edit_mode_runs_end_to_end_without_training(smoke, mode, keys):
     for key in keys:
         assert math.isfinite(run.data.metrics[f"edit/{mode}/{key}"]), key
     # that the round trip sharpens with the steps: tests/ddpm/test_edits.py, on a known chain
+
+
+def test_the_train_task_files_run_script_trains_with_torchrun_and_pushes_the_experiment(
+    smoke, tmp_path
+):
+    """cloud/train.sky.yaml's run, as SkyPilot runs it on node 0 of one node with two
+    processes (gloo on the CPU), in a fresh clone of the project pushed to a DVC remote and a
+    git remote: it pulls the prepared data, trains, pushes the weights to the DVC remote and
+    the experiment to git, and logs to the MLflow store named in MLFLOW_TRACKING_URI."""
+    remote, origin = publish(smoke, tmp_path)
+    node = tmp_path / "node0"
+    git(tmp_path, "clone", "-q", str(origin), str(node))
+    (node / ".venv").symlink_to(Path(sys.executable).parents[1])  # what the task's setup builds
+    params = yaml.safe_load((node / "params.yaml").read_text())
+    params["train"].update(steps=30, val_every=15, checkpoint_every=15, sample_every=30)
+    (node / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    task = sky.Task.from_yaml(str(ROOT / "cloud" / "train.sky.yaml"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = tmp_path / "server.db"
+    env = {**os.environ, **task.envs, "EXP_NAME": "sky-local", "DVC_REMOTE_URL": str(remote),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "RDZV_PORT": str(port),
+           "DDPM_CHECKPOINT_DIR": str(tmp_path / "bucket"), "SKYPILOT_NUM_NODES": "1",
+           "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NUM_GPUS_PER_NODE": "2",
+           "SKYPILOT_NODE_IPS": "127.0.0.1", "DDPM_DEVICE": "cpu", "DDPM_NUM_THREADS": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    done = subprocess.run(["bash", "-c", task.run], cwd=node, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert log.count("starting fresh") == 1  # one job of two processes; rank 0 speaks
+    summary = json.loads((node / "metrics" / "train.json").read_text())
+    assert (summary["steps"], summary["effective_batch_size"]) == (30, 2 * 16), summary
+    (checkpoint,) = (tmp_path / "bucket").glob("*/last.pt")
+    assert summary["checkpoints"] == str(checkpoint.parent)
+    md5 = hashlib.md5((node / "models" / "ema.pt").read_bytes()).hexdigest()
+    assert (remote / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+    assert "refs/exps/" in git(node, "ls-remote", str(origin)) and "sky-local" in git(
+        node, "ls-remote", origin
+    )
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    assert run.info.run_name == "sky-local" and run.data.metrics["train/steps"] == 30
