@@ -3,6 +3,16 @@ because pytest puts this folder on ``sys.path`` for its conftest)."""
 
 from __future__ import annotations
 
+import os
+
+# Under pytest-xdist each worker shares the cores with the others: numpy's OpenBLAS, which
+# reads this once as numpy loads, then runs one thread rather than one a core that the other
+# worker's threads fight for (FID's eigenvalues of a 2048 x 2048 matrix took 5.9 s on two
+# contended threads and 3.2 s on one; torch gets one thread a test from `one_thread` below)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
