@@ -339,7 +339,8 @@ def test_fid_during_training_writes_its_curve_the_run_and_best_pt_and_resumes_wh
     project, inception_weights, monkeypatch
 ):
     """train.fid every 4 steps of 8, then 4 more: one row and one MLflow point per
-    evaluation, none lost or doubled by the resume; best.pt is the lowest FID's step."""
+    evaluation, none lost or doubled by the resume; best.pt is the lowest FID's step; and the
+    run of an experiment whose train stage DVC restored holds the same curves and summary."""
     monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(inception_weights))
     use_params(project, FID_ON)
     result = runner.invoke(app, ["train"])
@@ -366,6 +367,21 @@ def test_fid_during_training_writes_its_curve_the_run_and_best_pt_and_resumes_wh
         logged = dict(rows[name])
         assert all(m.value == pytest.approx(logged[m.step], rel=1e-5) for m in history)
     assert run.data.metrics["train/best_fid"] == pytest.approx(fid, rel=1e-5)
+    # another experiment of these params, whose train stage DVC restored: track projects the
+    # files into its run, which holds the FID curves and summary the run that trained holds
+    monkeypatch.setenv("DVC_EXP_NAME", "restored")
+    result = runner.invoke(app, ["track"])
+    assert result.exit_code == 0, result.output
+    runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    (restored,) = [r for r in runs if r.info.run_name == "restored"]
+    assert restored.data.tags["stage.train"] == "restored"
+    for name in ("train/fid", "train/kid_mean", "train/loss"):
+        ours, theirs = (sorted((m.step, m.value) for m in client.get_metric_history(r, name))
+                        for r in (restored.info.run_id, run.info.run_id))  # fmt: skip
+        assert ours == theirs, name
+    summary = {k: v for k, v in run.data.metrics.items() if k.startswith("train/")}
+    assert {"train/best_fid", "train/best_fid_step"} <= set(summary)
+    assert {k: restored.data.metrics[k] for k in summary} == summary
 
 
 def test_fid_during_training_without_weights_or_reference_images_is_refused_before_training(
