@@ -42,6 +42,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))  # stable
 
 
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """The test file's own copy of the session's smoke project, as every stage ran
+    (tests/smoke_project.py: built once, whichever worker asks first)."""
+    from smoke_project import built, copy_project
+
+    return copy_project(built(tmp_path_factory), tmp_path_factory.mktemp("smoke") / "project")
+
+
+@pytest.fixture(scope="module")
+def as_built(tmp_path_factory) -> Path:
+    """Another copy for the test file, without the MLflow store: a teammate's checkout of the
+    same commit."""
+    from smoke_project import built, copy_project
+
+    dest = tmp_path_factory.mktemp("as-built") / "project"
+    return copy_project(built(tmp_path_factory), dest, mlflow=False)
+
+
 @pytest.fixture
 def cifar10_archive(tmp_path: Path) -> tuple[Path, str]:
     """A small CIFAR-10 python archive in the real format (40 images a batch) and its md5."""

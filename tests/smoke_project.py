@@ -2,9 +2,10 @@
 
 scripts/smoke.py builds it once per test session, whichever pytest-xdist worker asks first
 (the others wait on a file lock), into the session's shared temporary folder. Each test file
-then works on a copy of its own: the files change one copy in turn, and the two files run
-side by side on two workers. A copy's MLflow store names its own artifact folder (MLflow
-writes absolute paths into the database).
+then works on a copy of its own (tests/conftest.py's module-scoped ``smoke`` and
+``as_built``): the files change one copy in turn, and the two files run side by side on two
+workers. A copy's MLflow store names its own artifact folder (MLflow writes absolute paths
+into the database).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from notebook_run import EXAMPLES, cell, execute, mime_types, stdout
 from PIL import Image
 from runs import run_contents
 from servers import TrackingServer, invoke, model_server
-from smoke_project import built, copy_project, dvc, dvc_env, git, mlflow_runs, publish
+from smoke_project import dvc, dvc_env, git, mlflow_runs, publish
 
 from ddpm.checkpoint import load_checkpoint
 from pipeline.projection import Layout, curve_rows
@@ -46,19 +46,6 @@ from pipeline.track import track_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def smoke(tmp_path_factory) -> Path:
-    """This file's copy of the session's smoke project, as every stage ran."""
-    return copy_project(built(tmp_path_factory), tmp_path_factory.mktemp("smoke") / "project")
-
-
-@pytest.fixture(scope="session")
-def as_built(tmp_path_factory) -> Path:
-    """Another copy, without the MLflow store, for the test that resumes its training."""
-    dest = tmp_path_factory.mktemp("as-built") / "project"
-    return copy_project(built(tmp_path_factory), dest, mlflow=False)
 
 
 @pytest.fixture(scope="session")

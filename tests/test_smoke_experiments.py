@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,24 +19,12 @@ import sky
 import yaml
 from mlflow.tracking import MlflowClient
 from runs import run_contents
-from smoke_project import built, copy_project, dvc, git, mlflow_runs, publish
+from servers import free_port
+from smoke_project import dvc, git, mlflow_runs, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def smoke(tmp_path_factory) -> Path:
-    """This file's copy of the session's smoke project, as every stage ran."""
-    return copy_project(built(tmp_path_factory), tmp_path_factory.mktemp("smoke") / "project")
-
-
-@pytest.fixture(scope="session")
-def as_built(tmp_path_factory) -> Path:
-    """Another copy, without the MLflow store: a teammate's checkout of the same commit."""
-    dest = tmp_path_factory.mktemp("as-built") / "project"
-    return copy_project(built(tmp_path_factory), dest, mlflow=False)
 
 
 def test_a_run_whose_stages_dvc_restored_holds_what_the_run_whose_stages_ran_holds(smoke, as_built):
@@ -102,9 +89,7 @@ def test_the_train_task_files_run_script_trains_with_torchrun_and_pushes_the_exp
     params["train"].update(steps=30, val_every=15, checkpoint_every=15, sample_every=30)
     (node / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     task = sky.Task.from_yaml(str(ROOT / "cloud" / "train.sky.yaml"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     store = tmp_path / "server.db"
     env = {**os.environ, **task.envs, "EXP_NAME": "sky-local", "DVC_REMOTE_URL": str(remote),
            "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "RDZV_PORT": str(port),
